@@ -1,0 +1,6 @@
+"""ime-recorder: record the HedgeTech IME live feed into Parquet and query it with DuckDB."""
+
+from recorder.catalog import connect
+
+__all__ = ["connect"]
+__version__ = "0.1.0"

@@ -1,0 +1,233 @@
+"""Configuration: a TOML file, then ``IME_RECORDER_<SECTION>__<KEY>`` environment overrides.
+
+Values are small frozen objects checked once at start-up; anything wrong raises ConfigError
+with one line naming the key. Credentials come only from the environment (see
+:func:`load_credentials`) and never appear in a repr, a log line or an error.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import msgspec
+
+from recorder.errors import ConfigError
+
+ENV_PREFIX = "IME_RECORDER_"
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class FeedConfig(_Section):
+    base_url: str = "wss://core.hedgetech.ir/data-engine/ime"
+    subscribe_by: Literal["id", "name"] = "id"
+    contracts: tuple[str, ...] = ()
+    naive_timestamp_timezone: str = "UTC"
+    max_contracts_per_connection: int = 50
+    heartbeat_seconds: float = 20.0
+    reconnect_max_seconds: float = 30.0
+    stable_after_seconds: float = 60.0
+    close_timeout_seconds: float = 2.0
+
+
+class AuthConfig(_Section):
+    token_url: str = "https://core.hedgetech.ir/auth/user/token/issue"
+    header_scheme: Literal["raw", "bearer"] = "raw"
+    timeout_seconds: float = 15.0
+
+
+class StorageConfig(_Section):
+    data_dir: str = "data"
+    flush_interval_seconds: float = 5.0
+    partition_timezone: str = "Asia/Tehran"
+    max_rows_per_file: int = 250_000
+    max_buffered_rows: int = 2_000_000
+    compression_level: int = 3
+    fsync: bool = True
+
+
+class LogConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class Config(_Section):
+    feed: FeedConfig = FeedConfig()
+    auth: AuthConfig = AuthConfig()
+    storage: StorageConfig = StorageConfig()
+    log: LogConfig = LogConfig()
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.storage.data_dir)
+
+    @property
+    def partition_tz(self) -> ZoneInfo:
+        return ZoneInfo(self.storage.partition_timezone)
+
+    @property
+    def naive_tz(self) -> ZoneInfo:
+        return ZoneInfo(self.feed.naive_timestamp_timezone)
+
+
+_SECTIONS: dict[str, type[_Section]] = {f.name: f.type for f in msgspec.structs.fields(Config)}
+
+
+def _env_value(section: str, key: str, text: str) -> Any:
+    """Turn an environment string into the type the key expects (lists are comma-separated)."""
+    fields = {f.name: f.type for f in msgspec.structs.fields(_SECTIONS[section])}
+    if key not in fields:
+        raise ConfigError(f"{ENV_PREFIX}{section.upper()}__{key.upper()}: unknown key {section}.{key}")
+    expected = fields[key]
+    if get_origin(expected) in (tuple, list):
+        return [item.strip() for item in text.split(",") if item.strip()]
+    if expected is bool:
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+    return text
+
+
+def _apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for name, text in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        section, sep, key = name[len(ENV_PREFIX) :].lower().partition("__")
+        if not sep or section not in _SECTIONS:
+            raise ConfigError(f"{name}: not of the form {ENV_PREFIX}<SECTION>__<KEY>")
+        raw.setdefault(section, {})[key] = _env_value(section, key, text)
+
+
+def _path_of(error: msgspec.ValidationError) -> str:
+    text = str(error)
+    where = text.rpartition(" - at `$.")
+    return f"{where[2].rstrip('`')}: {where[0]}" if where[1] else text
+
+
+def load_config(path: str | Path | None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read the TOML file (None: defaults only), apply environment overrides and check it all."""
+    environ = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path}: not valid TOML ({exc})") from None
+    _apply_env(raw, environ)
+    try:
+        config = msgspec.convert(raw, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"config: {_path_of(exc)}") from None
+    _check(config)
+    return config
+
+
+def _check(config: Config) -> None:
+    feed, auth, storage = config.feed, config.auth, config.storage
+    if urlsplit(feed.base_url).scheme not in ("ws", "wss") or not urlsplit(feed.base_url).netloc:
+        raise ConfigError(f"feed.base_url: {feed.base_url!r} is not a ws:// or wss:// URL")
+    if urlsplit(auth.token_url).scheme not in ("http", "https"):
+        raise ConfigError(f"auth.token_url: {auth.token_url!r} is not an http(s):// URL")
+    if not feed.contracts:
+        raise ConfigError("feed.contracts: no contract to record (give at least one)")
+    if len(set(feed.contracts)) != len(feed.contracts):
+        raise ConfigError("feed.contracts: a contract is listed twice")
+    for key in ("naive_timestamp_timezone",):
+        _check_zone(f"feed.{key}", getattr(feed, key))
+    _check_zone("storage.partition_timezone", storage.partition_timezone)
+    positive = {
+        "feed.max_contracts_per_connection": feed.max_contracts_per_connection,
+        "feed.heartbeat_seconds": feed.heartbeat_seconds,
+        "feed.reconnect_max_seconds": feed.reconnect_max_seconds,
+        "feed.close_timeout_seconds": feed.close_timeout_seconds,
+        "auth.timeout_seconds": auth.timeout_seconds,
+        "storage.flush_interval_seconds": storage.flush_interval_seconds,
+        "storage.max_rows_per_file": storage.max_rows_per_file,
+        "storage.max_buffered_rows": storage.max_buffered_rows,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be greater than 0, got {value}")
+    if not 1 <= storage.compression_level <= 22:
+        raise ConfigError("storage.compression_level: must be 1..22 (zstd)")
+
+
+def _check_zone(key: str, name: str) -> None:
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"{key}: unknown time zone {name!r}") from None
+
+
+class Secret:
+    """A credential: its repr and str never show the value."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+
+class Credentials(msgspec.Struct, frozen=True):
+    """Either a username and password to log in with, or a ready token."""
+
+    username: str | None = None
+    password: Secret | None = None
+    token: Secret | None = None
+
+    def secrets(self) -> list[str]:
+        """The values that must never be printed."""
+        return [s.reveal() for s in (self.password, self.token) if s is not None]
+
+
+def _from_env(name: str, environ: Mapping[str, str]) -> str | None:
+    """``NAME`` or the content of the file named by ``NAME_FILE`` (Docker secrets)."""
+    value = environ.get(name)
+    file_name = environ.get(f"{name}_FILE")
+    if value and file_name:
+        raise ConfigError(f"{name} and {name}_FILE are both set; keep one")
+    if file_name:
+        try:
+            return Path(file_name).read_text(encoding="utf-8").strip() or None
+        except OSError as exc:
+            raise ConfigError(f"{name}_FILE: cannot read {file_name} ({exc.strerror})") from None
+    return value or None
+
+
+def load_credentials(environ: Mapping[str, str] | None = None) -> Credentials:
+    """HEDGETECH_USERNAME + HEDGETECH_PASSWORD, or HEDGETECH_TOKEN (each also as ``*_FILE``)."""
+    environ = os.environ if environ is None else environ
+    username = _from_env("HEDGETECH_USERNAME", environ)
+    password = _from_env("HEDGETECH_PASSWORD", environ)
+    token = _from_env("HEDGETECH_TOKEN", environ)
+    if token:
+        return Credentials(username=username, token=Secret(token))
+    if username and password:
+        return Credentials(username=username, password=Secret(password))
+    if username:
+        raise ConfigError("HEDGETECH_PASSWORD: not set (HEDGETECH_USERNAME is)")
+    if password:
+        raise ConfigError("HEDGETECH_USERNAME: not set (HEDGETECH_PASSWORD is)")
+    raise ConfigError(
+        "credentials: set HEDGETECH_USERNAME and HEDGETECH_PASSWORD, or HEDGETECH_TOKEN"
+    )

@@ -1,0 +1,126 @@
+"""The daemon: wires config, tokens, feed connections and the pipeline; owns start-up and stop.
+
+Exit codes: 0 after a clean stop (SIGTERM/SIGINT), 2 when the configuration, the credentials
+or the login is wrong, 1 on an unexpected error (details in the log).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+import structlog
+
+from recorder.auth import TokenProvider
+from recorder.config import Config, Credentials
+from recorder.errors import AuthError
+from recorder.feed import FeedConnection, split_contracts
+from recorder.pipeline import Pipeline
+
+log = structlog.get_logger("recorder.daemon")
+
+EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
+
+
+@dataclass
+class Recorder:
+    """A running recorder: its pipeline and connections (for progress lines and tests)."""
+
+    config: Config
+    pipeline: Pipeline
+    connections: list[FeedConnection] = field(default_factory=list)
+    started_at: float = field(default_factory=time.time)
+
+
+async def record(
+    config: Config,
+    credentials: Credentials,
+    stop: asyncio.Event,
+    on_start: Callable[[Recorder], Awaitable[None] | None] | None = None,
+) -> None:
+    """Record until ``stop`` is set, then close every stream gracefully and flush everything.
+
+    Raises AuthError when the login is refused (the caller exits with code 2).
+    """
+    run_id = f"{int(time.time()):x}{secrets.token_hex(2)}"
+    pipeline = Pipeline(config.data_dir, config.storage, config.partition_tz, config.naive_tz)
+    recorder = Recorder(config, pipeline)
+    pipeline.start()
+    connector = aiohttp.TCPConnector(limit=0)
+    try:
+        async with aiohttp.ClientSession(connector=connector) as session:
+            tokens = TokenProvider(session, config.auth, credentials)
+            await tokens.token()  # a refused login stops start-up here, before any stream
+            groups = split_contracts(config.feed.contracts, config.feed.max_contracts_per_connection)
+            recorder.connections = [
+                FeedConnection(
+                    f"{run_id}-{i}", group, config.feed, session, tokens, pipeline.on_frame, stop
+                )
+                for i, group in enumerate(groups)
+            ]
+            log.info(
+                "recording",
+                contracts=len(config.feed.contracts),
+                connections=len(groups),
+                data_dir=str(config.data_dir),
+            )
+            if on_start is not None:
+                started = on_start(recorder)
+                if started is not None:
+                    await started
+            tasks = [asyncio.create_task(c.run(), name=c.name) for c in recorder.connections]
+            try:
+                await asyncio.gather(*tasks)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        flushed = await pipeline.close()
+        log.info(
+            "stopped",
+            frames=pipeline.stats.frames,
+            quarantined=pipeline.stats.quarantined,
+            rows_written=dict(pipeline.stats.rows_written),
+            files_written=pipeline.stats.files_written,
+            flushed=flushed,
+        )
+
+
+def install_stop_signals(stop: asyncio.Event) -> None:
+    """SIGTERM and SIGINT set ``stop``; a second one exits at once."""
+    loop = asyncio.get_running_loop()
+
+    def handler(signum: int) -> None:
+        if stop.is_set():
+            log.warning("second signal: exiting without waiting", signal=signal.Signals(signum).name)
+            os._exit(EXIT_ERROR)
+        log.info("stopping", signal=signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(signum, handler, signum)
+
+
+async def _main(config: Config, credentials: Credentials) -> int:
+    stop = asyncio.Event()
+    install_stop_signals(stop)
+    try:
+        await record(config, credentials, stop)
+    except AuthError as exc:
+        log.error("login refused", error=str(exc))
+        return EXIT_CONFIG
+    return EXIT_OK
+
+
+def run(config: Config, credentials: Credentials) -> int:
+    """Run the daemon in this process until a stop signal; returns the exit code."""
+    return asyncio.run(_main(config, credentials))

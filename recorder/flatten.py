@@ -1,0 +1,295 @@
+"""Pure flattener: one IME frame becomes rows of the data tables, and rows become a frame again.
+
+No I/O, no clock, no logging. :func:`flatten` either returns a :class:`Flattened` or raises
+:class:`~recorder.errors.FlattenError` whose ``reason`` names the field at fault; the caller
+puts such frames in quarantine. Sections and fields the schema does not know are returned as
+``extras`` (JSON text) so nothing received is thrown away.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta, tzinfo
+from typing import Any
+
+import orjson
+
+from recorder.errors import FlattenError
+from recorder.schema import SECTION_TABLES, TABLES, Column
+
+ID_KEYS = ("contractId", "ContractId", "contractName")
+CHANNEL = "IME Stream"
+#: extras section name under which unknown top-level keys of a frame are kept
+ENVELOPE = "<envelope>"
+_ENVELOPE_KEYS = frozenset(("channel", "timestamp", "data", *ID_KEYS))
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_US = timedelta(microseconds=1)
+_INT64 = 2**63
+
+Row = tuple[Any, ...]
+Extra = tuple[str, str | None, str]  # (section, BestLimit level key or None, JSON)
+
+
+@dataclass(frozen=True, slots=True)
+class Flattened:
+    """One message as rows: ``rows[table]`` holds the wire columns of that table's rows."""
+
+    contract: str
+    id_key: str
+    exchange_us: int
+    rows: dict[str, list[Row]]
+    extras: list[Extra]
+
+
+def _int(value: Any, path: str) -> int | None:
+    kind = type(value)
+    if kind is int:
+        if -_INT64 <= value < _INT64:
+            return int(value)
+    elif kind is float:
+        if value.is_integer() and -_INT64 <= value < _INT64:
+            return int(value)
+        raise FlattenError(f"{path}: {value!r} is not an integer")
+    elif value is None:
+        return None
+    raise FlattenError(f"{path}: {_show(value)} does not fit an integer column")
+
+
+def _float(value: Any, path: str) -> float | None:
+    kind = type(value)
+    if kind is float or kind is int:
+        return float(value)
+    if value is None:
+        return None
+    raise FlattenError(f"{path}: {_show(value)} does not fit a number column")
+
+
+def _date(value: Any, path: str) -> date | None:
+    if value is None or value == "":
+        return None
+    if type(value) is str:
+        try:
+            return date.fromisoformat(value)
+        except ValueError:
+            pass
+    raise FlattenError(f"{path}: {_show(value)} is not a YYYY-MM-DD date")
+
+
+def _time(value: Any, path: str) -> time | None:
+    if value is None or value == "":
+        return None
+    if type(value) is str:
+        try:
+            parsed = time.fromisoformat(value)
+        except ValueError:
+            pass
+        else:
+            if parsed.tzinfo is None:
+                return parsed
+    raise FlattenError(f"{path}: {_show(value)} is not an HH:MM:SS time")
+
+
+_CONVERT: dict[str | None, Callable[[Any, str], Any]] = {
+    "int": _int,
+    "float": _float,
+    "date": _date,
+    "time": _time,
+}
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _section_plan(columns: Iterable[Column]) -> tuple[tuple[str, Callable[[Any, str], Any]], ...]:
+    return tuple((c.field, _CONVERT[c.kind]) for c in columns if c.field is not None)
+
+
+# (table, [(wire field, converter)], known field names), per section name
+_PLANS = {
+    section: (
+        table,
+        _section_plan(TABLES[table].wire_columns),
+        frozenset(c.field for c in TABLES[table].wire_columns),
+    )
+    for section, table in SECTION_TABLES.items()
+}
+
+
+def _identifier(message: dict[str, Any]) -> tuple[str, str]:
+    for key in ID_KEYS:
+        if key in message:
+            value = message[key]
+            if type(value) is str and value:
+                return key, value
+            if type(value) is int:
+                return key, str(value)
+            raise FlattenError(f"{key}: {_show(value)} is not a contract identifier")
+    raise FlattenError("identifier: none of contractId, ContractId, contractName")
+
+
+def parse_timestamp(value: Any, naive_tz: tzinfo) -> int:
+    """ISO 8601 (``Z``, an offset, or naive in ``naive_tz``) -> UTC microseconds since epoch."""
+    if type(value) is not str:
+        raise FlattenError(f"timestamp: {_show(value)} is not an ISO 8601 string")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise FlattenError(f"timestamp: {_show(value)} is not ISO 8601") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=naive_tz)
+    return (parsed - _EPOCH) // _ONE_US
+
+
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def _row(
+    section: dict[str, Any],
+    plan: tuple[tuple[str, Callable[[Any, str], Any]], ...],
+    known: frozenset[str],
+    path: str,
+) -> tuple[Row, dict[str, Any] | None]:
+    get = section.get
+    row = tuple(convert(get(field), f"{path}.{field}") for field, convert in plan)
+    unknown = None
+    if len(section) > len(known) or not known.issuperset(section):
+        unknown = {k: v for k, v in section.items() if k not in known}
+    return row, unknown or None
+
+
+def flatten(frame: bytes | str, naive_tz: tzinfo = UTC) -> Flattened:
+    """Decode one frame and flatten it; raises FlattenError on anything that is not a message."""
+    try:
+        message = orjson.loads(frame)
+    except orjson.JSONDecodeError as exc:
+        raise FlattenError(f"frame: not JSON ({exc.msg})") from None
+    return flatten_message(message, naive_tz)
+
+
+def flatten_message(message: Any, naive_tz: tzinfo = UTC) -> Flattened:
+    """Flatten one decoded message (see :func:`flatten`)."""
+    if type(message) is not dict:
+        raise FlattenError(f"frame: a JSON {type(message).__name__}, not an object")
+    id_key, contract = _identifier(message)
+    if "timestamp" not in message:
+        raise FlattenError("timestamp: missing")
+    exchange_us = parse_timestamp(message["timestamp"], naive_tz)
+    if "data" not in message:
+        raise FlattenError("data: missing")
+    data = message["data"]
+    if type(data) is not dict:
+        raise FlattenError(f"data: {_show(data)} is not an object")
+
+    rows: dict[str, list[Row]] = {}
+    extras: list[Extra] = []
+    envelope = {k: v for k, v in message.items() if k not in _ENVELOPE_KEYS}
+    if message.get("channel", CHANNEL) != CHANNEL:
+        envelope["channel"] = message["channel"]
+    if envelope:
+        extras.append((ENVELOPE, None, _dumps(envelope)))
+
+    for name, section in data.items():
+        plan = _PLANS.get(name)
+        if plan is None:
+            extras.append((name, None, _dumps(section)))
+            continue
+        if type(section) is not dict:
+            raise FlattenError(f"data.{name}: {_show(section)} is not an object")
+        table, fields, known = plan
+        if table == "best_limit":
+            rows[table] = _levels(section, fields, known, extras)
+            continue
+        row, unknown = _row(section, fields, known, f"data.{name}")
+        rows[table] = [row]
+        if unknown:
+            extras.append((name, None, _dumps(unknown)))
+    return Flattened(contract, id_key, exchange_us, rows, extras)
+
+
+def _levels(
+    section: dict[str, Any],
+    fields: tuple[tuple[str, Callable[[Any, str], Any]], ...],
+    known: frozenset[str],
+    extras: list[Extra],
+) -> list[Row]:
+    rows = []
+    for key, level in section.items():
+        if not (key.isascii() and key.isdigit() and 0 < int(key) < 2**31):
+            extras.append(("BestLimit", key, _dumps(level)))
+            continue
+        if type(level) is not dict:
+            raise FlattenError(f"data.BestLimit.{key}: {_show(level)} is not an object")
+        row, unknown = _row(level, fields, known, f"data.BestLimit.{key}")
+        rows.append((int(key), *row))
+        if unknown:
+            extras.append(("BestLimit", key, _dumps(unknown)))
+    return rows
+
+
+# --------------------------------------------------------------------------- the way back
+
+
+def format_timestamp(exchange_us: int) -> str:
+    """The one documented wire form of a replayed timestamp: UTC, microseconds, ``Z``."""
+    return (_EPOCH + timedelta(microseconds=exchange_us)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _wire_value(column: Column, value: Any) -> Any:
+    if column.kind in ("date", "time"):
+        return "" if value is None else value.isoformat()
+    return value
+
+
+def to_message(
+    contract: str,
+    exchange_us: int,
+    rows: Mapping[str, Sequence[Row]],
+    extras: Iterable[Extra] = (),
+    *,
+    id_key: str = "contractId",
+) -> dict[str, Any]:
+    """Rebuild the wire message from its rows (the inverse of :func:`flatten_message`).
+
+    ``rows[table]`` holds wire-column tuples as :func:`flatten_message` returns them. Numbers
+    come back as the column's type (an integral float sent for an integer is an int again),
+    an empty ``date``/``time`` as ``""``, and the timestamp in :func:`format_timestamp` form.
+    """
+    data: dict[str, Any] = {}
+    for table_name, table_rows in rows.items():
+        table = TABLES[table_name]
+        section = table.section
+        assert section is not None, table_name
+        columns = table.wire_columns
+        if table.levels:
+            data[section] = {
+                str(row[0]): {
+                    c.field: _wire_value(c, v) for c, v in zip(columns, row[1:], strict=True)
+                }
+                for row in table_rows
+            }
+        else:
+            (row,) = table_rows
+            data[section] = {c.field: _wire_value(c, v) for c, v in zip(columns, row, strict=True)}
+    message: dict[str, Any] = {
+        "channel": CHANNEL,
+        id_key: contract,
+        "timestamp": format_timestamp(exchange_us),
+        "data": data,
+    }
+    for section, level, text in extras:
+        value = orjson.loads(text)
+        if section == ENVELOPE:
+            message.update(value)
+        elif level is not None and level in data.get(section, {}):
+            data[section][level].update(value)
+        elif level is not None:
+            data.setdefault(section, {})[level] = value
+        elif section in data and section in SECTION_TABLES:
+            data[section].update(value)
+        else:
+            data[section] = value
+    return message

@@ -1,0 +1,51 @@
+"""Pure partition paths: ``{table}/date=YYYY-MM-DD/contract=<encoded>/{first}-{last}.parquet``.
+
+Contract identifiers are data from the network. Every byte outside ``[A-Za-z0-9_-]`` is
+percent-encoded (so ``/``, ``..``, ``=``, ``%``, spaces and Persian letters become plain ASCII
+folder names), which DuckDB and pyarrow decode back when they read hive partitions.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, date, datetime, timedelta, tzinfo
+from pathlib import PurePosixPath
+from urllib.parse import quote, unquote
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_FILE_NAME = re.compile(r"^(\d{20})-(\d{20})(?:\.[a-z]+)?\.parquet$")
+
+
+def encode_contract(contract: str) -> str:
+    """Return a folder-safe form of ``contract`` that hive readers decode back exactly."""
+    if not contract:
+        raise ValueError("a contract identifier cannot be empty")
+    return quote(contract, safe="-_").replace(".", "%2E").replace("~", "%7E")
+
+
+def decode_contract(encoded: str) -> str:
+    """Invert :func:`encode_contract`."""
+    return unquote(encoded)
+
+
+def partition_date(exchange_us: int, tz: tzinfo) -> date:
+    """The local calendar date, in ``tz``, of a UTC instant in microseconds since the epoch."""
+    return (_EPOCH + timedelta(microseconds=exchange_us)).astimezone(tz).date()
+
+
+def partition_dir(table: str, day: str, contract: str | None) -> PurePosixPath:
+    """Folder of one partition, relative to the data directory (``contract=None``: by date only)."""
+    path = PurePosixPath(table) / f"date={day}"
+    return path if contract is None else path / f"contract={encode_contract(contract)}"
+
+
+def file_name(first_seq: int, last_seq: int, tag: str = "") -> str:
+    """Name of a Parquet file holding frames ``first_seq..last_seq``; names sort in write order."""
+    suffix = f".{tag}" if tag else ""
+    return f"{first_seq:020d}-{last_seq:020d}{suffix}.parquet"
+
+
+def seq_range(name: str) -> tuple[int, int] | None:
+    """The ``(first, last)`` seq of a Parquet file name, or None for a foreign file."""
+    match = _FILE_NAME.match(name)
+    return (int(match[1]), int(match[2])) if match else None
