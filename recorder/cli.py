@@ -12,7 +12,7 @@ import duckdb
 import orjson
 
 from recorder import logs
-from recorder.errors import ConfigError
+from recorder.errors import AuthError, ConfigError
 
 _HELP_CONFIG = "TOML config file; every key can be overridden by IME_RECORDER_<SECTION>__<KEY>."
 
@@ -33,6 +33,7 @@ def main() -> None:
 def run(config_path: str | None) -> None:
     """Record until SIGTERM or SIGINT (credentials from HEDGETECH_* environment variables)."""
     from recorder.config import load_config, load_credentials
+    from recorder.daemon import EXIT_CONFIG
     from recorder.daemon import run as run_daemon
 
     try:
@@ -43,8 +44,10 @@ def run(config_path: str | None) -> None:
         return
     logs.register_secrets(credentials.secrets())
     logs.configure(config.log.level, config.log.format)
-    code = run_daemon(config, credentials)
-    sys.exit(code)
+    try:
+        run_daemon(config, credentials)
+    except AuthError as exc:
+        _fail(str(exc), code=EXIT_CONFIG)
 
 
 @main.command()

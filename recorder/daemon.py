@@ -20,7 +20,6 @@ import structlog
 
 from recorder.auth import TokenProvider
 from recorder.config import Config, Credentials
-from recorder.errors import AuthError
 from recorder.feed import FeedConnection, split_contracts
 from recorder.pipeline import Pipeline
 
@@ -110,17 +109,12 @@ def install_stop_signals(stop: asyncio.Event) -> None:
             loop.add_signal_handler(signum, handler, signum)
 
 
-async def _main(config: Config, credentials: Credentials) -> int:
+async def _main(config: Config, credentials: Credentials) -> None:
     stop = asyncio.Event()
     install_stop_signals(stop)
-    try:
-        await record(config, credentials, stop)
-    except AuthError as exc:
-        log.error("login refused", error=str(exc))
-        return EXIT_CONFIG
-    return EXIT_OK
+    await record(config, credentials, stop)
 
 
-def run(config: Config, credentials: Credentials) -> int:
-    """Run the daemon in this process until a stop signal; returns the exit code."""
-    return asyncio.run(_main(config, credentials))
+def run(config: Config, credentials: Credentials) -> None:
+    """Run the daemon in this process until a stop signal (AuthError: the login was refused)."""
+    asyncio.run(_main(config, credentials))
