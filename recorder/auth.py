@@ -80,8 +80,12 @@ class TokenProvider:
 
     async def _login(self) -> str:
         credentials = self._credentials
-        assert credentials.username is not None and credentials.password is not None
-        form = {"UserName_or_Email": credentials.username, "Password": credentials.password.reveal()}
+        assert credentials.username is not None
+        assert credentials.password is not None
+        form = {
+            "UserName_or_Email": credentials.username,
+            "Password": credentials.password.reveal(),
+        }
         url = self._config.token_url
         try:
             async with self._session.post(
@@ -93,16 +97,19 @@ class TokenProvider:
                 except (ValueError, aiohttp.ContentTypeError):
                     body = None
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise TransientError(f"login at {url} failed: {type(exc).__name__}: {scrub(str(exc))}") from None
+            raise TransientError(
+                f"login at {url} failed: {type(exc).__name__}: {scrub(str(exc))}"
+            ) from None
         if status in (200, 201) and isinstance(body, dict):
             token = body.get("Authorization")
             if isinstance(token, str) and token:
                 token = token.removeprefix("Bearer ").strip()
                 log.info("logged in", user=credentials.username, url=url)
                 return token
-            raise AuthError(f"login at {url} as {credentials.username!r}: HTTP {status} but no token in the answer")
+            raise AuthError(
+                f"login at {url} as {credentials.username!r}: HTTP {status} without a token"
+            )
         if status >= 500 or status == 429:
             raise TransientError(f"login at {url}: HTTP {status} ({_detail(body)})")
-        raise AuthError(
-            f"login refused for user {credentials.username!r} at {url}: HTTP {status} ({_detail(body)})"
-        )
+        who = credentials.username
+        raise AuthError(f"login refused for user {who!r} at {url}: HTTP {status} ({_detail(body)})")

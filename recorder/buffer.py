@@ -85,7 +85,7 @@ class Buffer:
 
     def take(self, keys: Iterable[Key]) -> list[Batch]:
         """Remove the given partitions' rows, split into batches of at most max_rows_per_file."""
-        batches = []
+        batches: list[Batch] = []
         cap = self.max_rows_per_file
         for key in keys:
             partition = self._partitions.pop(key, None)

@@ -56,7 +56,9 @@ def run(config_path: str | None) -> None:
 @click.option("--rate", default=200.0, show_default=True, help="Simulated messages per second.")
 @click.option("--flush-interval", default=2.0, show_default=True, help="Seconds between flushes.")
 @click.option("--seconds", type=float, default=None, help="Stop by itself after this long.")
-def demo(data_dir: str, contracts: int, rate: float, flush_interval: float, seconds: float | None) -> None:
+def demo(
+    data_dir: str, contracts: int, rate: float, flush_interval: float, seconds: float | None
+) -> None:
     """Start the built-in simulator and record from it, with a live progress line."""
     from recorder.demo import run_demo
 
@@ -74,7 +76,9 @@ def demo(data_dir: str, contracts: int, rate: float, flush_interval: float, seco
 @click.option("--password", default="demo", show_default=True)
 @click.option("--fast", is_flag=True, help="Pre-encoded frames as fast as the client reads.")
 @click.option("--max-messages", type=int, default=None, help="Per connection, then stay idle.")
-@click.option("--refuse-with", type=click.Choice(["403", "1008"]), default="1008", show_default=True)
+@click.option(
+    "--refuse-with", type=click.Choice(["403", "1008"]), default="1008", show_default=True
+)
 @click.option("--id-key", type=click.Choice(["contractId", "ContractId"]), default="contractId")
 @click.option("--timestamp-style", type=click.Choice(["z", "offset", "naive"]), default="z")
 @click.option("--partial-levels", type=float, default=0.0, help="Share of partial BestLimit.")

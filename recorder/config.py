@@ -11,7 +11,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal, get_origin
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -26,7 +26,7 @@ class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     pass
 
 
-class FeedConfig(_Section):
+class FeedConfig(_Section, frozen=True):
     base_url: str = "wss://core.hedgetech.ir/data-engine/ime"
     subscribe_by: Literal["id", "name"] = "id"
     contracts: tuple[str, ...] = ()
@@ -38,13 +38,13 @@ class FeedConfig(_Section):
     close_timeout_seconds: float = 2.0
 
 
-class AuthConfig(_Section):
-    token_url: str = "https://core.hedgetech.ir/auth/user/token/issue"
+class AuthConfig(_Section, frozen=True):
+    token_url: str = "https://core.hedgetech.ir/auth/user/token/issue"  # noqa: S105 - a URL
     header_scheme: Literal["raw", "bearer"] = "raw"
     timeout_seconds: float = 15.0
 
 
-class StorageConfig(_Section):
+class StorageConfig(_Section, frozen=True):
     data_dir: str = "data"
     flush_interval_seconds: float = 5.0
     partition_timezone: str = "Asia/Tehran"
@@ -54,12 +54,12 @@ class StorageConfig(_Section):
     fsync: bool = True
 
 
-class LogConfig(_Section):
+class LogConfig(_Section, frozen=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
 
 
-class Config(_Section):
+class Config(_Section, frozen=True):
     feed: FeedConfig = FeedConfig()
     auth: AuthConfig = AuthConfig()
     storage: StorageConfig = StorageConfig()
@@ -85,7 +85,9 @@ def _env_value(section: str, key: str, text: str) -> Any:
     """Turn an environment string into the type the key expects (lists are comma-separated)."""
     fields = {f.name: f.type for f in msgspec.structs.fields(_SECTIONS[section])}
     if key not in fields:
-        raise ConfigError(f"{ENV_PREFIX}{section.upper()}__{key.upper()}: unknown key {section}.{key}")
+        raise ConfigError(
+            f"{ENV_PREFIX}{section.upper()}__{key.upper()}: unknown key {section}.{key}"
+        )
     expected = fields[key]
     if get_origin(expected) in (tuple, list):
         return [item.strip() for item in text.split(",") if item.strip()]

@@ -57,7 +57,9 @@ async def record(
         async with aiohttp.ClientSession(connector=connector) as session:
             tokens = TokenProvider(session, config.auth, credentials)
             await tokens.token()  # a refused login stops start-up here, before any stream
-            groups = split_contracts(config.feed.contracts, config.feed.max_contracts_per_connection)
+            groups = split_contracts(
+                config.feed.contracts, config.feed.max_contracts_per_connection
+            )
             recorder.connections = [
                 FeedConnection(
                     f"{run_id}-{i}", group, config.feed, session, tokens, pipeline.on_frame, stop
@@ -99,7 +101,9 @@ def install_stop_signals(stop: asyncio.Event) -> None:
 
     def handler(signum: int) -> None:
         if stop.is_set():
-            log.warning("second signal: exiting without waiting", signal=signal.Signals(signum).name)
+            log.warning(
+                "second signal: exiting without waiting", signal=signal.Signals(signum).name
+            )
             os._exit(EXIT_ERROR)
         log.info("stopping", signal=signal.Signals(signum).name)
         stop.set()

@@ -1,4 +1,4 @@
-"""``ime-recorder demo`` (what ``make run`` starts): the simulator and the recorder, side by side."""
+"""``ime-recorder demo``, what ``make run`` starts: the simulator and the recorder side by side."""
 
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ def _progress(recorder: Recorder, rate: float) -> Text:
         f"{len(recorder.config.feed.contracts)} contracts on {open_} connection(s) │ ",
         (f"{rate:8,.0f} msg/s", "bold"),
         f" │ frames {stats.frames:,} │ rows written {rows:,} │ buffered "
-        f"{recorder.pipeline.rows_buffered:,} │ files {stats.files_written:,} │ last flush {flushed}"
-        " │ Ctrl-C to stop",
+        f"{recorder.pipeline.rows_buffered:,} │ files {stats.files_written:,}",
+        f" │ last flush {flushed} │ Ctrl-C to stop",
     )
 
 
@@ -64,7 +64,9 @@ async def _demo(
     simulator = Simulator(SimulatorOptions(contracts=contracts, rate=rate))
     await simulator.start()
     config = Config(
-        feed=FeedConfig(base_url=simulator.base_url, contracts=tuple(c.id for c in simulator.contracts)),
+        feed=FeedConfig(
+            base_url=simulator.base_url, contracts=tuple(c.id for c in simulator.contracts)
+        ),
         auth=AuthConfig(token_url=simulator.token_url),
         storage=StorageConfig(data_dir=str(data_dir), flush_interval_seconds=flush_interval),
     )
@@ -94,7 +96,7 @@ def run_demo(
     code = asyncio.run(_demo(data_dir, contracts, rate, flush_interval, seconds))
     from recorder.cli import write_result
 
-    print(f"\nExample query (run it again: ime-recorder query --data-dir {data_dir} \"...\"):")
+    print(f'\nExample query (run it again: ime-recorder query --data-dir {data_dir} "..."):')
     print(f"  {EXAMPLE_SQL}\n")
     result = connect(data_dir).execute(EXAMPLE_SQL)
     write_result([d[0] for d in result.description or []], result.fetchall(), "table")

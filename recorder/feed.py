@@ -14,6 +14,7 @@ import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import aiohttp
 import structlog
@@ -27,6 +28,7 @@ from recorder.logs import scrub
 
 log = structlog.get_logger("recorder.feed")
 
+_Socket = aiohttp.ClientWebSocketResponse[Literal[False]]
 FrameSink = Callable[[str, bytes | str, int], object]
 _POLICY_VIOLATION = 1008
 
@@ -138,10 +140,14 @@ class FeedConnection:
             )
         except aiohttp.WSServerHandshakeError as exc:
             if exc.status in (401, 403):
-                raise RefusedError(f"handshake refused: HTTP {exc.status}", code=exc.status) from None
+                raise RefusedError(
+                    f"handshake refused: HTTP {exc.status}", code=exc.status
+                ) from None
             raise TransientError(f"handshake failed: HTTP {exc.status}", code=exc.status) from None
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise TransientError(f"cannot connect: {type(exc).__name__}: {scrub(str(exc))}") from None
+            raise TransientError(
+                f"cannot connect: {type(exc).__name__}: {scrub(str(exc))}"
+            ) from None
 
         opened = time.monotonic()
         self.stats.sessions += 1
@@ -175,7 +181,7 @@ class FeedConnection:
             return
         raise TransientError(reason, code=code)
 
-    async def _read(self, ws: aiohttp.ClientWebSocketResponse, session_id: str) -> None:
+    async def _read(self, ws: _Socket, session_id: str) -> None:
         on_frame = self._on_frame
         stats = self.stats
         while True:
@@ -183,12 +189,16 @@ class FeedConnection:
             if msg.type is aiohttp.WSMsgType.TEXT or msg.type is aiohttp.WSMsgType.BINARY:
                 stats.frames += 1
                 on_frame(session_id, msg.data, now_us())
-            elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
-                              aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.ERROR):
+            elif msg.type in (
+                aiohttp.WSMsgType.CLOSE,
+                aiohttp.WSMsgType.CLOSED,
+                aiohttp.WSMsgType.CLOSING,
+                aiohttp.WSMsgType.ERROR,
+            ):
                 return
 
     async def _close_gracefully(
-        self, ws: aiohttp.ClientWebSocketResponse, reader: asyncio.Task[None]
+        self, ws: _Socket, reader: asyncio.Task[None]
     ) -> None:
         """Send our close frame, then keep reading until the server's close (bounded)."""
         # aiohttp's ws.close() discards the data frames that arrive before the server's close
@@ -199,7 +209,7 @@ class FeedConnection:
             if writer is None:
                 raise AttributeError("no writer")
             await writer.close(1000, b"recorder stopping")
-        except Exception:  # noqa: BLE001 - a dead socket: nothing more can arrive on it
+        except Exception:  # a dead socket: nothing more can arrive on it
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(reader), self.config.close_timeout_seconds)

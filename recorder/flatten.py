@@ -112,7 +112,7 @@ _PLANS = {
     section: (
         table,
         _section_plan(TABLES[table].wire_columns),
-        frozenset(c.field for c in TABLES[table].wire_columns),
+        frozenset(c.field for c in TABLES[table].wire_columns if c.field is not None),
     )
     for section, table in SECTION_TABLES.items()
 }

@@ -126,13 +126,20 @@ class Pipeline:
         return seq
 
     def _quarantine(
-        self, connection: str, frame: bytes | str, received_us: int, seq: int, reason: str,
+        self,
+        connection: str,
+        frame: bytes | str,
+        received_us: int,
+        seq: int,
+        reason: str,
         now: float,
     ) -> None:
         raw = frame if isinstance(frame, str) else frame.decode("utf-8", "backslashreplace")
         day = self._local_day(received_us)
         self.stats.quarantined += 1
-        if self._buffer.add(("quarantine", day, None), [(received_us, seq, connection, reason, raw)], now):
+        if self._buffer.add(
+            ("quarantine", day, None), [(received_us, seq, connection, reason, raw)], now
+        ):
             self._wake.set()
         log.warning("frame quarantined", seq=seq, connection=connection, reason=reason)
 
@@ -151,14 +158,12 @@ class Pipeline:
     async def run_flusher(self) -> None:
         """Flush due partitions until :meth:`close`; a failed write is retried with backoff."""
         tick = min(0.25, self.storage.flush_interval_seconds / 4)
-        while not self._closing:
-            try:
+        while True:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), tick)
-            except TimeoutError:
-                pass
             self._wake.clear()
             if self._closing:
-                break
+                return
             keys = self._buffer.due(time.monotonic())
             if keys and not await self._flush(keys):
                 backoff = min(30.0, 0.5 * 2 ** min(self._failures, 6))
@@ -191,7 +196,9 @@ class Pipeline:
             self._last_error_log = time.monotonic()
             log.error(
                 "flush failed; rows kept in memory and retried",
-                error=str(error), rows_kept=self._buffer.rows, failures=self._failures,
+                error=str(error),
+                rows_kept=self._buffer.rows,
+                failures=self._failures,
             )
         return False
 
@@ -206,14 +213,14 @@ class Pipeline:
                 return written, batches[index:], exc
         return written, [], None
 
-    async def close(self, timeout: float = 30.0) -> bool:
-        """Flush everything still buffered (retrying for up to ``timeout`` s); True when done."""
+    async def close(self, patience: float = 30.0) -> bool:
+        """Flush everything still buffered (retrying for up to ``patience`` s); True when done."""
         self._closing = True
         self._wake.set()
         self._stopping.set()
         if self._flusher is not None:
             await self._flusher  # it finishes the write in progress, so files stay in seq order
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + patience
         ok = await self._flush(None)
         while not ok and time.monotonic() < deadline:
             await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))

@@ -57,7 +57,7 @@ class ParquetWriter:
         return path
 
     def write(self, batch: Batch) -> WrittenFile:
-        """Write one batch as one file; raises StorageError and leaves no visible file on failure."""
+        """Write one batch as one file; on failure raise StorageError and leave no visible file."""
         table = TABLES[batch.key[0]]
         path = self.path_for(batch)
         tmp = path.with_name(f".{path.name}.tmp")

@@ -17,7 +17,9 @@ from tests.conftest import wait_for
 RECORDER = str(Path(sys.executable).with_name("ime-recorder"))
 
 
-def write_config(path: Path, sim: Any, data_dir: Path, contracts: list[str], extra: str = "") -> Path:
+def write_config(
+    path: Path, sim: Any, data_dir: Path, contracts: list[str], extra: str = ""
+) -> Path:
     """A TOML config for ``sim`` written the way a user writes one."""
     quoted = ", ".join(f'"{c}"' for c in contracts)
     path.write_text(
@@ -55,8 +57,11 @@ def test_sigterm_mid_stream_loses_nothing_received(simulator: Any, tmp_path: Pat
     config = write_config(tmp_path / "c.toml", sim, data_dir, [c.id for c in sim.contracts])
     env = recorder_env(HEDGETECH_USERNAME="demo", HEDGETECH_PASSWORD="demo")
     proc = subprocess.Popen(
-        [RECORDER, "run", "--config", str(config)], env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [RECORDER, "run", "--config", str(config)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         wait_for(lambda: len(sim.sent) >= 3000, timeout=30, what="3000 frames sent")
@@ -68,7 +73,10 @@ def test_sigterm_mid_stream_loses_nothing_received(simulator: Any, tmp_path: Pat
     assert proc.returncode == 0, stderr[-2000:]
     sent = sim.sent
     con = recorder.connect(data_dir)
-    assert con.execute("SELECT count(*), count(DISTINCT seq) FROM aggregate").fetchone() == (len(sent), len(sent))
+    assert con.execute("SELECT count(*), count(DISTINCT seq) FROM aggregate").fetchone() == (
+        len(sent),
+        len(sent),
+    )
     assert con.execute("SELECT count(*) FROM contract_info").fetchone() == (len(sent),)
     assert con.execute("SELECT count(*) FROM best_limit").fetchone() == (3 * len(sent),)
     assert '"stream closed for shutdown"' in stderr
@@ -88,18 +96,28 @@ def _run(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Complete
         pytest.param({"HEDGETECH_TOKEN": "t0k3n"}, "colour = 1", "colour", id="unknown-key"),
         pytest.param(
             {"HEDGETECH_TOKEN": "t0k3n", "IME_RECORDER_STORAGE__FLUSH_INTERVAL_SECONDS": "soon"},
-            "", "storage.flush_interval_seconds", id="bad-env-value",
+            "",
+            "storage.flush_interval_seconds",
+            id="bad-env-value",
         ),
         pytest.param(
             {"HEDGETECH_TOKEN": "t0k3n", "IME_RECORDER_FEED__SUBSCRIBE_BY": "isin"},
-            "", "feed.subscribe_by", id="bad-literal",
+            "",
+            "feed.subscribe_by",
+            id="bad-literal",
         ),
         pytest.param(
             {"HEDGETECH_TOKEN": "t0k3n", "IME_RECORDER_STORAGE__PARTITION_TIMEZONE": "Mars/Base"},
-            "", "storage.partition_timezone", id="bad-zone",
+            "",
+            "storage.partition_timezone",
+            id="bad-zone",
         ),
-        pytest.param({"HEDGETECH_TOKEN": "t0k3n", "IME_RECORDER_FEED__WHAT": "1"}, "",
-                     "IME_RECORDER_FEED__WHAT", id="unknown-env-key"),
+        pytest.param(
+            {"HEDGETECH_TOKEN": "t0k3n", "IME_RECORDER_FEED__WHAT": "1"},
+            "",
+            "IME_RECORDER_FEED__WHAT",
+            id="unknown-env-key",
+        ),
     ],
 )
 def test_wrong_start_up_exits_2_with_one_line_naming_it(
@@ -128,7 +146,8 @@ def test_refused_login_exits_2_naming_user_and_url_never_the_password(
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("ime-recorder: login refused for user 'alice'")
-    assert sim.token_url in last and "HTTP 401" in last
+    assert sim.token_url in last
+    assert "HTTP 401" in last
     assert "s3cret-pa55" not in result.stderr + result.stdout
     assert sim.stats()["connections_accepted"] == 0
 
@@ -139,11 +158,18 @@ def test_config_file_and_environment_feed_a_real_recording(simulator: Any, tmp_p
     data_dir = tmp_path / "from-env"
     config = write_config(tmp_path / "c.toml", sim, tmp_path / "from-file", ["9999"])
     env = recorder_env(
-        HEDGETECH_USERNAME="demo", HEDGETECH_PASSWORD="demo",
-        IME_RECORDER_FEED__CONTRACTS="1002,1003", IME_RECORDER_STORAGE__DATA_DIR=str(data_dir),
+        HEDGETECH_USERNAME="demo",
+        HEDGETECH_PASSWORD="demo",
+        IME_RECORDER_FEED__CONTRACTS="1002,1003",
+        IME_RECORDER_STORAGE__DATA_DIR=str(data_dir),
     )
-    proc = subprocess.Popen([RECORDER, "run", "--config", str(config)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [RECORDER, "run", "--config", str(config)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for(lambda: len(sim.sent) == 25, what="25 frames sent")
         proc.send_signal(signal.SIGTERM)
@@ -152,7 +178,9 @@ def test_config_file_and_environment_feed_a_real_recording(simulator: Any, tmp_p
         proc.kill()
     assert proc.returncode == 0
     con = recorder.connect(data_dir)
-    rows = con.execute("SELECT contract, count(*) FROM aggregate GROUP BY ALL ORDER BY 1").fetchall()
+    rows = con.execute(
+        "SELECT contract, count(*) FROM aggregate GROUP BY ALL ORDER BY 1"
+    ).fetchall()
     sent = sorted({f.contract_id for f in sim.sent})
     assert sent == ["1002", "1003"]
     assert sum(n for _, n in rows) == 25
@@ -170,14 +198,26 @@ def test_query_command_prints_csv_and_json(simulator: Any, tmp_path: Path) -> No
     expected: dict[str, int] = {}
     for frame in sim.sent:
         expected[frame.contract_id] = expected.get(frame.contract_id, 0) + 1
-    csv_out = _run(["query", "--data-dir", str(tmp_path), "--format", "csv", sql], recorder_env(), tmp_path)
+    csv_out = _run(
+        ["query", "--data-dir", str(tmp_path), "--format", "csv", sql], recorder_env(), tmp_path
+    )
     assert csv_out.returncode == 0, csv_out.stderr
-    assert csv_out.stdout.splitlines() == ["contract,n", *(f"{c},{n}" for c, n in sorted(expected.items()))]
-    json_out = _run(["query", "--data-dir", str(tmp_path), "--format", "json", sql], recorder_env(), tmp_path)
+    assert csv_out.stdout.splitlines() == [
+        "contract,n",
+        *(f"{c},{n}" for c, n in sorted(expected.items())),
+    ]
+    json_out = _run(
+        ["query", "--data-dir", str(tmp_path), "--format", "json", sql], recorder_env(), tmp_path
+    )
     assert json_out.stdout.splitlines() == [
         f'{{"contract":"{c}","n":{n}}}' for c, n in sorted(expected.items())
     ]
     table_out = _run(["query", "--data-dir", str(tmp_path), sql], recorder_env(), tmp_path)
     assert f"({len(expected)} rows)" in table_out.stdout
-    bad = _run(["query", "--data-dir", str(tmp_path), "SELECT nope FROM aggregate"], recorder_env(), tmp_path)
-    assert bad.returncode == 1 and bad.stderr.startswith("ime-recorder: query failed")
+    bad = _run(
+        ["query", "--data-dir", str(tmp_path), "SELECT nope FROM aggregate"],
+        recorder_env(),
+        tmp_path,
+    )
+    assert bad.returncode == 1
+    assert bad.stderr.startswith("ime-recorder: query failed")

@@ -35,7 +35,7 @@ def test_split_contracts_keeps_order_and_size() -> None:
 def test_refused_subscription_is_logged_and_retried_without_crashing(
     simulator: Any, tmp_path: Path, mode: str
 ) -> None:
-    """An unknown contract refused with HTTP 403 or close 1008 is logged and retried with backoff."""
+    """An unknown contract refused with HTTP 403 or close 1008 is logged and retried."""
     sim = simulator(contracts=3, rate=50, refuse_with=mode)
     config = make_config(sim, tmp_path, ["1001", "9999"])
     with capture_logs() as logs:
@@ -60,7 +60,9 @@ def test_server_close_1011_reconnects_and_keeps_every_frame(simulator: Any, tmp_
 
     rec = record_until(
         make_config(sim, tmp_path),
-        lambda r: bool(closed) and r.connections[0].stats.sessions >= 2 and r.pipeline.stats.frames >= 250,
+        lambda r: (
+            bool(closed) and r.connections[0].stats.sessions >= 2 and r.pipeline.stats.frames >= 250
+        ),
         during=close_once,
     )
     assert rec.connections[0].stats.reconnects == 1
@@ -81,24 +83,37 @@ def test_aborted_tcp_connection_reconnects(simulator: Any, tmp_path: Path) -> No
 
     rec = record_until(
         make_config(sim, tmp_path),
-        lambda r: bool(aborted) and r.connections[0].stats.sessions >= 2 and r.pipeline.stats.frames >= 150,
+        lambda r: (
+            bool(aborted)
+            and r.connections[0].stats.sessions >= 2
+            and r.pipeline.stats.frames >= 150
+        ),
         during=abort_once,
     )
     con = recorder.connect(tmp_path)
     assert con.execute("SELECT count(*) FROM aggregate").fetchone() == (rec.pipeline.stats.frames,)
 
 
-@pytest.mark.parametrize(("server", "client", "records"), [
-    ("bearer", "bearer", True), ("raw", "raw", True), ("bearer", "raw", False), ("raw", "bearer", False),
-])
+@pytest.mark.parametrize(
+    ("server", "client", "records"),
+    [
+        ("bearer", "bearer", True),
+        ("raw", "raw", True),
+        ("bearer", "raw", False),
+        ("raw", "bearer", False),
+    ],
+)
 def test_header_scheme_is_sent_as_configured(
     simulator: Any, tmp_path: Path, server: str, client: str, records: bool
 ) -> None:
-    """auth.header_scheme picks `Authorization: <jwt>` or `Bearer <jwt>`; a strict server checks it."""
+    """auth.header_scheme picks a raw or a Bearer Authorization header; a strict server checks."""
     sim = simulator(contracts=2, rate=0, max_messages=20, header_scheme=server)
     config = make_config(sim, tmp_path)
-    config = type(config)(feed=config.feed, auth=type(config.auth)(token_url=config.auth.token_url,
-                          header_scheme=client), storage=config.storage)  # type: ignore[arg-type]
+    config = type(config)(
+        feed=config.feed,
+        auth=type(config.auth)(token_url=config.auth.token_url, header_scheme=client),
+        storage=config.storage,
+    )  # type: ignore[arg-type]
     if records:
         rec = record_until(config, lambda r: r.pipeline.stats.frames == 20)
         assert rec.connections[0].stats.reconnects == 0
@@ -111,7 +126,8 @@ def test_static_token_is_used_as_is_without_login(simulator: Any, tmp_path: Path
     """HEDGETECH_TOKEN is sent as it is: no login happens and the stream is recorded."""
     sim = simulator(contracts=2, rate=0, max_messages=15, static_token="fixed-token-123")
     credentials = Credentials(token=Secret("fixed-token-123"))
-    rec = record_until(make_config(sim, tmp_path), lambda r: r.pipeline.stats.frames == 15,
-                       credentials=credentials)
+    rec = record_until(
+        make_config(sim, tmp_path), lambda r: r.pipeline.stats.frames == 15, credentials=credentials
+    )
     assert rec.pipeline.stats.frames == 15
     assert sim.stats()["tokens_issued"] == 0

@@ -17,9 +17,21 @@ def test_installed_package_carries_its_schemas_and_configs(tmp_path: Path) -> No
     """A wheel installed elsewhere reads the table schema and ships the example config."""
     target = tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-         "--target", str(target), str(ROOT)],
-        check=True, capture_output=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
     )
     probe = (
         "import recorder, recorder.schema as s, recorder.config as c;"
@@ -29,13 +41,27 @@ def test_installed_package_carries_its_schemas_and_configs(tmp_path: Path) -> No
     )
     env = {**os.environ, "PYTHONPATH": str(target)}
     result = subprocess.run(
-        [sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
-        check=True, timeout=60,
+        [sys.executable, "-c", probe],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
     )
     module, schemas, tables, contracts = result.stdout.splitlines()
     assert module.startswith(str(target))
     assert schemas == str(target / "recorder" / "_data" / "schemas")
-    assert tables == str(sorted(
-        ["aggregate", "allowed_price_range", "best_limit", "contract_info", "extras", "quarantine"]
-    ))
+    assert tables == str(
+        sorted(
+            [
+                "aggregate",
+                "allowed_price_range",
+                "best_limit",
+                "contract_info",
+                "extras",
+                "quarantine",
+            ]
+        )
+    )
     assert contracts == "('1001', '1002')"

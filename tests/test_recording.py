@@ -28,12 +28,16 @@ def _value(column: Column, raw: Any) -> Any:
     return time.fromisoformat(raw) if raw else None
 
 
-def expected_rows(frames: list[SentFrame], naive_tz: tzinfo = UTC) -> dict[str, list[tuple[Any, ...]]]:
+def expected_rows(
+    frames: list[SentFrame], naive_tz: tzinfo = UTC
+) -> dict[str, list[tuple[Any, ...]]]:
     """The rows each table must hold, computed straight from the JSON that was sent."""
     out: dict[str, list[tuple[Any, ...]]] = {t: [] for t in DATA_TABLES}
     for frame in frames:
         message = json.loads(frame.text)
-        contract = next(message[k] for k in ("contractId", "ContractId", "contractName") if k in message)
+        contract = next(
+            message[k] for k in ("contractId", "ContractId", "contractName") if k in message
+        )
         stamp = datetime.fromisoformat(message["timestamp"])
         stamp = (stamp if stamp.tzinfo else stamp.replace(tzinfo=naive_tz)).astimezone(UTC)
         head = (contract, stamp.astimezone(TEHRAN).date(), stamp)
@@ -94,7 +98,7 @@ def _shows_variant(frames: list[SentFrame], variant: dict[str, Any]) -> bool:
 def test_every_sent_message_becomes_exactly_its_rows(
     simulator: Any, tmp_path: Path, subscribe_by: str, variant: dict[str, Any]
 ) -> None:
-    """N messages sent become exactly N rows per section table and one row per level, value for value."""
+    """N messages sent become exactly N rows per section and one row per level, value for value."""
     sent_count = 150
     sim = simulator(contracts=5, rate=0, max_messages=sent_count, keep_sent=True, **variant)
     config = make_config(sim, tmp_path, subscribe_by=subscribe_by)
@@ -108,9 +112,13 @@ def test_every_sent_message_becomes_exactly_its_rows(
     for table in DATA_TABLES:
         assert stored_rows(tmp_path, table) == expected[table], table
     con = recorder.connect(tmp_path)
-    seqs = [s for (s,) in con.execute("SELECT seq FROM aggregate ORDER BY received_at, seq").fetchall()]
+    seqs = [
+        s for (s,) in con.execute("SELECT seq FROM aggregate ORDER BY received_at, seq").fetchall()
+    ]
     assert seqs == sorted(set(seqs))
-    first, last = con.execute("SELECT min(received_at), max(received_at) FROM contract_info").fetchone()
+    first, last = con.execute(
+        "SELECT min(received_at), max(received_at) FROM contract_info"
+    ).fetchone()
     assert started <= first <= last <= datetime.now(UTC)
     assert con.execute("SELECT count(*) FROM quarantine").fetchone() == (0,)
 
@@ -134,7 +142,9 @@ def test_contracts_are_split_over_several_connections(simulator: Any, tmp_path: 
     assert [len(c.contracts) for c in rec.connections] == [3, 3, 1]
     assert len(sim.sent) == 3 * per_connection
     con = recorder.connect(tmp_path)
-    counts = dict(con.execute("SELECT contract, count(*) FROM aggregate GROUP BY contract").fetchall())
+    counts = dict(
+        con.execute("SELECT contract, count(*) FROM aggregate GROUP BY contract").fetchall()
+    )
     sent: dict[str, int] = {}
     for frame in sim.sent:
         sent[frame.contract_id] = sent.get(frame.contract_id, 0) + 1
@@ -175,8 +185,15 @@ def test_malformed_frames_go_to_quarantine_and_unknown_sections_to_extras(
 ) -> None:
     """5% malformed and 2% unknown sections: each bad frame quarantined whole, nothing else lost."""
     total = 1000
-    sim = simulator(contracts=4, rate=0, max_messages=total, keep_sent=True, seed=7,
-                    malformed=0.05, unknown_sections=0.02)
+    sim = simulator(
+        contracts=4,
+        rate=0,
+        max_messages=total,
+        keep_sent=True,
+        seed=7,
+        malformed=0.05,
+        unknown_sections=0.02,
+    )
     record_until(make_config(sim, tmp_path), lambda r: r.pipeline.stats.frames == total)
     frames = sim.sent
     bad = [f for f in frames if f.fault]
