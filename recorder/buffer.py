@@ -86,14 +86,28 @@ class Buffer:
     def take(self, keys: Iterable[Key]) -> list[Batch]:
         """Remove the given partitions' rows, split into batches of at most max_rows_per_file."""
         batches: list[Batch] = []
-        cap = self.max_rows_per_file
         for key in keys:
             partition = self._partitions.pop(key, None)
             if partition is None:
                 continue
             self.rows -= len(partition.rows)
-            rows = partition.rows
-            batches.extend(Batch(key, rows[i : i + cap]) for i in range(0, len(rows), cap))
+            batches.extend(self._split(key, partition.rows))
+        return batches
+
+    def _split(self, key: Key, rows: list[Row]) -> list[Batch]:
+        """Cut rows into batches of about max_rows_per_file, never inside one frame's rows.
+
+        A file then holds every row of each seq it names, so "seq <= the highest seq in this
+        partition's files" exactly means "already written" (crash recovery relies on it).
+        """
+        seq = _SEQ_INDEX[key[0]]
+        batches, start, cap = [], 0, self.max_rows_per_file
+        while start < len(rows):
+            end = min(start + cap, len(rows))
+            while end < len(rows) and rows[end][seq] == rows[end - 1][seq]:
+                end += 1
+            batches.append(Batch(key, rows[start:end]))
+            start = end
         return batches
 
     def take_all(self) -> list[Batch]:
