@@ -22,5 +22,4 @@ RUN useradd --system --uid 10001 --no-create-home recorder \
 USER recorder
 VOLUME ["/data"]
 STOPSIGNAL SIGTERM
-ENTRYPOINT ["ime-recorder"]
-CMD ["run", "--config", "/etc/ime-recorder/recorder.toml"]
+CMD ["ime-recorder", "run", "--config", "/etc/ime-recorder/recorder.toml"]

@@ -7,6 +7,7 @@ with one line naming the key. Credentials come only from the environment (see
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -160,8 +161,11 @@ def _check(config: Config) -> None:
         "storage.max_buffered_rows": storage.max_buffered_rows,
     }
     for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key}: must be greater than 0, got {value}")
+        if not 0 < value < math.inf:  # also refuses NaN
+            raise ConfigError(f"{key}: must be a finite number greater than 0, got {value}")
+    stable = feed.stable_after_seconds
+    if not 0 <= stable < math.inf:
+        raise ConfigError(f"feed.stable_after_seconds: must be 0 or more, got {stable}")
     if not 1 <= storage.compression_level <= 22:
         raise ConfigError("storage.compression_level: must be 1..22 (zstd)")
 
@@ -169,7 +173,7 @@ def _check(config: Config) -> None:
 def _check_zone(key: str, name: str) -> None:
     try:
         ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):
         raise ConfigError(f"{key}: unknown time zone {name!r}") from None
 
 

@@ -197,9 +197,7 @@ class FeedConnection:
             ):
                 return
 
-    async def _close_gracefully(
-        self, ws: _Socket, reader: asyncio.Task[None]
-    ) -> None:
+    async def _close_gracefully(self, ws: _Socket, reader: asyncio.Task[None]) -> None:
         """Send our close frame, then keep reading until the server's close (bounded)."""
         # aiohttp's ws.close() discards the data frames that arrive before the server's close
         # frame; writing the close frame through the socket's writer keeps our reader in

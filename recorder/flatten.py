@@ -8,6 +8,7 @@ puts such frames in quarantine. Sections and fields the schema does not know are
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
@@ -20,15 +21,21 @@ from recorder.schema import SECTION_TABLES, TABLES, Column
 
 ID_KEYS = ("contractId", "ContractId", "contractName")
 CHANNEL = "IME Stream"
-#: extras section name under which unknown top-level keys of a frame are kept
-ENVELOPE = "<envelope>"
-_ENVELOPE_KEYS = frozenset(("channel", "timestamp", "data", *ID_KEYS))
+#: the ``section`` of an extras row that keeps unknown top-level keys of a frame (no data
+#: section can be named None, so it never collides with one)
+ENVELOPE = None
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_US = timedelta(microseconds=1)
 _INT64 = 2**63
+# exchange timestamps outside [1970, 9000) are refused: nothing real is there, and every
+# later step (local dates, formatting) stays far from the datetime range limits
+_MIN_US = 0
+_MAX_US = (datetime(9000, 1, 1, tzinfo=UTC) - _EPOCH) // _ONE_US
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_TIME = re.compile(r"\d{2}:\d{2}:\d{2}(\.\d{6})?")
 
 Row = tuple[Any, ...]
-Extra = tuple[str, str | None, str]  # (section, BestLimit level key or None, JSON)
+Extra = tuple[str | None, str | None, str]  # (section or ENVELOPE, BestLimit level key, JSON)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +55,8 @@ def _int(value: Any, path: str) -> int | None:
         if -_INT64 <= value < _INT64:
             return int(value)
     elif kind is float:
-        if value.is_integer() and -_INT64 <= value < _INT64:
+        # strict at both ends: a float of magnitude 2**63 may be a rounded larger integer
+        if value.is_integer() and -_INT64 < value < _INT64:
             return int(value)
         raise FlattenError(f"{path}: {value!r} is not an integer")
     elif value is None:
@@ -68,7 +76,7 @@ def _float(value: Any, path: str) -> float | None:
 def _date(value: Any, path: str) -> date | None:
     if value is None or value == "":
         return None
-    if type(value) is str:
+    if type(value) is str and _DATE.fullmatch(value):
         try:
             return date.fromisoformat(value)
         except ValueError:
@@ -79,14 +87,11 @@ def _date(value: Any, path: str) -> date | None:
 def _time(value: Any, path: str) -> time | None:
     if value is None or value == "":
         return None
-    if type(value) is str:
+    if type(value) is str and _TIME.fullmatch(value):
         try:
-            parsed = time.fromisoformat(value)
+            return time.fromisoformat(value)
         except ValueError:
             pass
-        else:
-            if parsed.tzinfo is None:
-                return parsed
     raise FlattenError(f"{path}: {_show(value)} is not an HH:MM:SS time")
 
 
@@ -140,7 +145,13 @@ def parse_timestamp(value: Any, naive_tz: tzinfo) -> int:
         raise FlattenError(f"timestamp: {_show(value)} is not ISO 8601") from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=naive_tz)
-    return (parsed - _EPOCH) // _ONE_US
+    try:
+        instant = (parsed - _EPOCH) // _ONE_US
+    except OverflowError:
+        instant = -1
+    if not _MIN_US <= instant < _MAX_US:
+        raise FlattenError(f"timestamp: {_show(value)} is outside 1970..8999")
+    return instant
 
 
 def _dumps(value: Any) -> str:
@@ -186,7 +197,9 @@ def flatten_message(message: Any, naive_tz: tzinfo = UTC) -> Flattened:
 
     rows: dict[str, list[Row]] = {}
     extras: list[Extra] = []
-    envelope = {k: v for k, v in message.items() if k not in _ENVELOPE_KEYS}
+    envelope = {
+        k: v for k, v in message.items() if k not in ("channel", "timestamp", "data", id_key)
+    }
     if message.get("channel", CHANNEL) != CHANNEL:
         envelope["channel"] = message["channel"]
     if envelope:
@@ -218,7 +231,8 @@ def _levels(
 ) -> list[Row]:
     rows = []
     for key, level in section.items():
-        if not (key.isascii() and key.isdigit() and 0 < int(key) < 2**31):
+        # only canonical level numbers ("1", not "01" nor 5000 digits) are levels
+        if not (key.isascii() and key.isdigit() and len(key) <= 9 and key[0] != "0"):
             extras.append(("BestLimit", key, _dumps(level)))
             continue
         if type(level) is not dict:
@@ -235,7 +249,8 @@ def _levels(
 
 def format_timestamp(exchange_us: int) -> str:
     """The one documented wire form of a replayed timestamp: UTC, microseconds, ``Z``."""
-    return (_EPOCH + timedelta(microseconds=exchange_us)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    moment = _EPOCH + timedelta(microseconds=exchange_us)
+    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def _wire_value(column: Column, value: Any) -> Any:
@@ -282,7 +297,7 @@ def to_message(
     }
     for section, level, text in extras:
         value = orjson.loads(text)
-        if section == ENVELOPE:
+        if section is ENVELOPE:
             message.update(value)
         elif level is not None and level in data.get(section, {}):
             data[section][level].update(value)

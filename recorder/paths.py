@@ -1,8 +1,9 @@
 """Pure partition paths: ``{table}/date=YYYY-MM-DD/contract=<encoded>/{first}-{last}.parquet``.
 
-Contract identifiers are data from the network. Every byte outside ``[A-Za-z0-9_-]`` is
-percent-encoded (so ``/``, ``..``, ``=``, ``%``, spaces and Persian letters become plain ASCII
-folder names), which DuckDB and pyarrow decode back when they read hive partitions.
+Contract identifiers are data from the network. Every byte outside ``[A-Za-z0-9-]`` is
+percent-encoded, so ``/``, ``..``, ``=``, ``%``, spaces and Persian letters become plain ASCII
+folder names and no name can look like ``__HIVE_DEFAULT_PARTITION__``; DuckDB and pyarrow
+decode them back when they read hive partitions.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ def encode_contract(contract: str) -> str:
     """Return a folder-safe form of ``contract`` that hive readers decode back exactly."""
     if not contract:
         raise ValueError("a contract identifier cannot be empty")
-    return quote(contract, safe="-_").replace(".", "%2E").replace("~", "%7E")
+    return quote(contract, safe="-").replace(".", "%2E").replace("~", "%7E").replace("_", "%5F")
 
 
 def decode_contract(encoded: str) -> str:

@@ -21,7 +21,7 @@ import structlog
 from recorder.buffer import Batch, Buffer, Key
 from recorder.config import StorageConfig
 from recorder.errors import FlattenError, StorageError
-from recorder.flatten import flatten
+from recorder.flatten import Extra, flatten
 from recorder.paths import partition_date
 from recorder.state import SeqAllocator
 from recorder.writer import ParquetWriter, WrittenFile
@@ -88,7 +88,7 @@ class Pipeline:
         self._stopping = asyncio.Event()
         self._closing = False
         self._flusher: asyncio.Task[None] | None = None
-        self._seen_sections: set[str] = set()
+        self._seen_sections: set[str | None] = set()
         self._failures = 0
         self._last_error_log = 0.0
         self.stats = Stats()
@@ -143,7 +143,7 @@ class Pipeline:
             self._wake.set()
         log.warning("frame quarantined", seq=seq, connection=connection, reason=reason)
 
-    def _note_sections(self, extras: list[tuple[str, str | None, str]], contract: str) -> None:
+    def _note_sections(self, extras: list[Extra], contract: str) -> None:
         for section, _, _ in extras:
             if section not in self._seen_sections:
                 self._seen_sections.add(section)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,5 +85,6 @@ class ParquetWriter:
                 fsync_dir(path.parent)
             return WrittenFile(table.name, path, len(batch.rows), path.stat().st_size)
         except (OSError, pa.ArrowException) as exc:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
             raise StorageError(f"cannot write {path.relative_to(self.data_dir)}: {exc}") from exc
