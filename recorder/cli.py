@@ -90,7 +90,8 @@ def demo(
 @click.option("--odd-names", is_flag=True, help="Add contracts with /, .., =, %, spaces, Persian.")
 def simulate(**options: Any) -> None:
     """Serve a faithful simulator of the IME feed (token endpoint and both streams)."""
-    from recorder.simulator import SimulatorOptions, run_simulator
+    from recorder.simrunner import run_simulator
+    from recorder.simulator import SimulatorOptions
 
     logs.configure("info", "auto")
     run_simulator(SimulatorOptions(**options))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ log = structlog.get_logger("recorder.feed")
 _Socket = aiohttp.ClientWebSocketResponse[Literal[False]]
 FrameSink = Callable[[str, bytes | str, int], object]
 _POLICY_VIOLATION = 1008
+_CLOSE_NORMAL = struct.pack("!H", 1000) + b"recorder stopping"
 
 
 def stream_url(base_url: str, subscribe_by: str, contracts: Sequence[str]) -> URL:
@@ -200,14 +202,11 @@ class FeedConnection:
     async def _close_gracefully(self, ws: _Socket, reader: asyncio.Task[None]) -> None:
         """Send our close frame, then keep reading until the server's close (bounded)."""
         # aiohttp's ws.close() discards the data frames that arrive before the server's close
-        # frame; writing the close frame through the socket's writer keeps our reader in
-        # charge, so those frames are recorded too (aiohttp 3.x ClientWebSocketResponse._writer).
-        writer = getattr(ws, "_writer", None)
+        # frame; sending a bare close frame keeps our reader in charge, so those frames are
+        # recorded too, and the reader ends when the server's close arrives.
         try:
-            if writer is None:
-                raise AttributeError("no writer")
-            await writer.close(1000, b"recorder stopping")
-        except Exception:  # a dead socket: nothing more can arrive on it
-            return
+            await ws.send_frame(_CLOSE_NORMAL, aiohttp.WSMsgType.CLOSE)
+        except (aiohttp.ClientError, ConnectionError, RuntimeError):
+            return  # a dead socket: nothing more can arrive on it
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(reader), self.config.close_timeout_seconds)

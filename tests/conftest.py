@@ -13,7 +13,8 @@ import pytest
 
 from recorder.config import AuthConfig, Config, Credentials, FeedConfig, Secret, StorageConfig
 from recorder.daemon import Recorder, record
-from recorder.simulator import SimulatorOptions, SimulatorThread
+from recorder.simrunner import SimulatorThread
+from recorder.simulator import SimulatorOptions
 
 DEMO = Credentials(username="demo", password=Secret("demo"))
 

@@ -1,0 +1,528 @@
+"""The IME feed simulator: token endpoint, both live streams and a control API, on aiohttp.
+
+aiohttp behaviour relied on (read in aiohttp 3.14's web_ws.py, _websocket/writer.py and
+http_writer.py; only public names are touched, but these properties are not documented):
+- After `WebSocketResponse.prepare()`, aiohttp's `WebSocketWriter` writes every uncompressed
+  frame straight to `request.transport` with no buffer of its own, so whole frames that fast
+  mode writes to that transport interleave safely with aiohttp's own (close, pong).
+- The `StreamWriter` that `prepare()` returns has `drain()`, which waits only while the
+  protocol is paused, i.e. while the transport's write buffer is above its high-water mark.
+- `WebSocketResponse.close()` sets `closed` and writes the close frame without yielding in
+  between, so checking `ws.closed` right before each write means no data frame ever follows our
+  close frame; and `send_str()` of a small frame writes it before its first suspension point,
+  so a frame counted just before `send_str()` is on the wire even if the sender is cancelled.
+- `close()` racing a pending `receive()` in another task drops TCP without awaiting the peer's
+  close frame, so server-initiated closes first cancel the pending `receive()` (cancel-safe: the
+  data queue keeps unread frames) and then call `close()` from the reading task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import secrets
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal, TypeVar
+
+import orjson
+from aiohttp import WSMsgType, web
+from aiohttp.abc import AbstractStreamWriter
+from yarl import URL
+
+from recorder.simdata import (
+    Contract,
+    Endpoint,
+    FeedVariants,
+    IdKey,
+    Market,
+    Message,
+    Subscription,
+    TimestampStyle,
+    make_contracts,
+    text_frame,
+)
+
+HeaderScheme = Literal["any", "raw", "bearer"]
+RefuseWith = Literal["403", "1008"]
+STREAM_PATH = "/data-engine/ime/live/data/websocket/contract/{endpoint}"
+TOKEN_PATH = "/auth/user/token/issue"  # noqa: S105 - a URL path, not a secret
+POLICY_VIOLATION = 1008
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class SimulatorOptions:
+    """Everything a simulator run can vary; the defaults give a plain, well-behaved feed."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    contracts: int = 10
+    rate: float = 50.0  # messages/s per connection; <= 0 means as fast as possible
+    seed: int = 0
+    username: str = "demo"
+    password: str = "demo"  # noqa: S105 - the simulator's documented demo credentials
+    token_ttl_seconds: int = 3600
+    static_token: str | None = None  # accepted as well, never expires, not revoked
+    header_scheme: HeaderScheme = "any"
+    refuse_with: RefuseWith = "1008"
+    max_messages: int | None = None  # per connection; then the socket stays open and idle
+    fast: bool = False
+    fast_pool: int = 4096  # distinct pre-encoded frames cycled in fast mode
+    fast_batch: int = 256  # frames per transport.write in fast mode
+    keep_sent: bool = False
+    id_key: IdKey = "contractId"
+    timestamp_style: TimestampStyle = "z"
+    partial_levels: float = 0.0
+    missing_sections: float = 0.0
+    float_ints: bool = False
+    variant_mix: bool = False
+    malformed: float = 0.0
+    unknown_sections: float = 0.0
+    odd_names: bool = False
+    clock: Callable[[], datetime] | None = None  # exchange time (UTC); overrides the next two
+    start_time: datetime | None = None  # exchange time when the simulator is created
+    time_scale: float = 1.0  # simulated seconds per real second
+    heartbeat: float | None = None  # server pings, like uvicorn's ws_ping_interval
+    close_timeout: float = 5.0  # how long to wait for the client's close frame after ours
+    max_line_size: int = 8190  # request-line limit, as most servers have (PERFORMANCE-NOTES)
+
+    def __post_init__(self) -> None:
+        checks = {
+            "header_scheme": self.header_scheme in ("any", "raw", "bearer"),
+            "refuse_with": self.refuse_with in ("403", "1008"),
+            "id_key": self.id_key in ("contractId", "ContractId"),
+            "timestamp_style": self.timestamp_style in ("z", "offset", "naive"),
+            "contracts": self.contracts >= 1,
+            "fast_pool/fast_batch": self.fast_pool >= 1 and self.fast_batch >= 1,
+            "time_scale": self.time_scale > 0,
+        }
+        if bad := [name for name, ok in checks.items() if not ok]:
+            raise ValueError(f"invalid simulator options: {', '.join(bad)}")
+
+    def variants(self) -> FeedVariants:
+        """The wire variants these options ask for."""
+        return FeedVariants(**{name: getattr(self, name) for name in FeedVariants.__slots__})
+
+
+@dataclass(frozen=True, slots=True)
+class SentFrame:
+    """One data frame handed to a connection's transport, in send order."""
+
+    conn: int
+    seq: int  # 1-based position on its connection
+    contract_id: str
+    fault: str | None
+    text: str
+
+
+@dataclass(eq=False)
+class _Connection:
+    id: int
+    ws: web.WebSocketResponse
+    transport: asyncio.Transport
+    subscription: Subscription
+    close_request: asyncio.Future[tuple[int, str]]
+    sent: int = 0
+
+    def writable(self) -> bool:
+        return not self.ws.closed and not self.transport.is_closing()
+
+
+def _b64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+class Simulator:
+    """The feed server on the caller's event loop; every public method is thread-safe."""
+
+    def __init__(self, options: SimulatorOptions | None = None) -> None:
+        self.options = opts = options or SimulatorOptions()
+        self.port = opts.port
+        self._contracts = make_contracts(opts.contracts, opts.seed, odd_names=opts.odd_names)
+        self._by_key: dict[Endpoint, dict[str, Contract]] = {
+            "id": {c.id: c for c in self._contracts},
+            "name": {c.name: c for c in self._contracts},
+        }
+        self._market = Market(self._contracts, opts.seed, opts.variants())
+        self._secret = secrets.token_bytes(32)
+        self._tokens: dict[str, float] = {}  # issued token -> exp (unix seconds)
+        self._revoked: set[str] = set()
+        self._conns: dict[int, _Connection] = {}
+        self._handlers: set[asyncio.Future[Any]] = set()
+        self._sent: list[SentFrame] = []
+        self._sent_by_conn: dict[int, int] = {}
+        self._refusals: Counter[str] = Counter()
+        self._closes: Counter[int] = Counter()
+        self._accepted = self._logins_failed = 0
+        self._rate = opts.rate
+        self._refuse_with: RefuseWith = opts.refuse_with
+        self._resumed = asyncio.Event()
+        self._resumed.set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner: web.AppRunner | None = None
+        self._clock = opts.clock or self._scaled_clock(opts.start_time, opts.time_scale)
+
+    @staticmethod
+    def _scaled_clock(start: datetime | None, scale: float) -> Callable[[], datetime]:
+        if start is None and scale == 1.0:
+            return lambda: datetime.now(UTC)
+        anchor = (start or datetime.now(UTC)).astimezone(UTC)
+        origin = time.monotonic()
+        return lambda: anchor + timedelta(seconds=(time.monotonic() - origin) * scale)
+
+    async def start(self) -> None:
+        """Bind and serve; `port` holds the real port afterwards."""
+        self._loop = asyncio.get_running_loop()
+        app = web.Application()
+        app.router.add_post(TOKEN_PATH, self._login)
+        app.router.add_get(STREAM_PATH.replace("{endpoint}", "{endpoint:id|name}"), self._stream)
+        app.router.add_post("/_sim/{action:close|abort|revoke|pause|resume}", self._control)
+        app.router.add_get("/_sim/{what:stats|sent}", self._report)
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, max_line_size=self.options.max_line_size
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.options.host, self.options.port)
+        await site.start()
+        self.port = site.port
+
+    async def stop(self) -> None:
+        """Close every stream with 1001 (going away), wait for the handlers, free the port."""
+        for conn in list(self._conns.values()):
+            self._close_conn(conn, 1001, "server shutdown")
+        if self._handlers:
+            await asyncio.wait(set(self._handlers), timeout=self.options.close_timeout + 1)
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    @property
+    def _host(self) -> str:
+        return "127.0.0.1" if self.options.host in ("0.0.0.0", "::", "") else self.options.host
+
+    @property
+    def base_url(self) -> str:
+        """WebSocket base; the recorder appends `/live/data/websocket/contract/...`."""
+        return f"ws://{self._host}:{self.port}/data-engine/ime"
+
+    @property
+    def token_url(self) -> str:
+        return f"http://{self._host}:{self.port}{TOKEN_PATH}"
+
+    @property
+    def contracts(self) -> list[Contract]:
+        return list(self._contracts)
+
+    @property
+    def sent(self) -> list[SentFrame]:
+        """Every data frame sent so far, in send order (only with `keep_sent`)."""
+        return self._on_loop(lambda: list(self._sent))
+
+    def stream_url(self, endpoint: Endpoint, identifiers: Sequence[str]) -> str:
+        """Full stream URL with repeated `contract_id` / `contract_name` parameters."""
+        key = "contract_id" if endpoint == "id" else "contract_name"
+        url = URL(f"ws://{self._host}:{self.port}" + STREAM_PATH.format(endpoint=endpoint))
+        return str(url.with_query([(key, ident) for ident in identifiers]))
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: connections, messages sent (per connection and total), tokens, refusals."""
+
+        def collect() -> dict[str, Any]:
+            return {
+                "connections_open": len(self._conns),
+                "connections_accepted": self._accepted,
+                "messages_sent": {str(k): v for k, v in self._sent_by_conn.items()},
+                "messages_sent_total": sum(self._sent_by_conn.values()),
+                "tokens_issued": len(self._tokens),
+                "tokens_revoked": len(self._revoked),
+                "logins_failed": self._logins_failed,
+                "refusals": dict(self._refusals),
+                "server_closes": {str(k): v for k, v in self._closes.items()},
+            }
+
+        return self._on_loop(collect)
+
+    def _on_loop(self, action: Callable[[], _T]) -> _T:
+        """Run `action` on the server loop (waiting for it when called from another thread)."""
+        loop = self._loop
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if loop is None or running is loop or loop.is_closed():
+            return action()
+        done: Future[_T] = Future()
+
+        def run() -> None:
+            try:
+                done.set_result(action())
+            except Exception as exc:
+                done.set_exception(exc)
+
+        loop.call_soon_threadsafe(run)
+        return done.result(timeout=30)
+
+    def _each_conn(self, action: Callable[[_Connection], object]) -> None:
+        for conn in list(self._conns.values()):
+            action(conn)
+
+    def close_all(self, code: int = 1011, reason: str = "") -> None:
+        """Close every open stream with `code` and `reason` (a normal close handshake)."""
+        self._on_loop(lambda: self._each_conn(lambda c: self._close_conn(c, code, reason)))
+
+    def abort_all(self) -> None:
+        """Drop every stream's TCP connection without a close frame."""
+        self._on_loop(lambda: self._each_conn(lambda c: c.transport.abort()))
+
+    def revoke_tokens(self) -> None:
+        """Invalidate every token issued so far (not `static_token`); open streams stay open."""
+        self._on_loop(lambda: self._revoked.update(self._tokens))
+
+    def set_refuse_with(self, mode: RefuseWith) -> None:
+        if mode not in ("403", "1008"):
+            raise ValueError(f"refuse_with must be '403' or '1008', not {mode!r}")
+        self._on_loop(lambda: setattr(self, "_refuse_with", mode))
+
+    def set_rate(self, rate: float) -> None:
+        self._on_loop(lambda: setattr(self, "_rate", rate))
+
+    def pause(self) -> None:
+        """Stop sending on every stream, sockets left open, until `resume()`."""
+        self._on_loop(self._resumed.clear)
+
+    def resume(self) -> None:
+        self._on_loop(self._resumed.set)
+
+    def issue_token(self, ttl_seconds: float | None = None, username: str | None = None) -> str:
+        """Mint a valid token without logging in (tests: short-lived or expired tokens).
+
+        An int TTL gives an integer `exp` like real tokens (so it lives ttl-1 to ttl seconds);
+        a float TTL gives an `exp` precise to the millisecond.
+        """
+        now = time.time()
+        ttl = self.options.token_ttl_seconds if ttl_seconds is None else ttl_seconds
+        exp = int(now) + ttl if isinstance(ttl, int) else round(now + ttl, 3)
+        claims = {"sub": username or self.options.username, "exp": exp, "iat": int(now)}
+        claims["jti"] = secrets.token_hex(8)
+        head = {"alg": "HS256", "typ": "JWT"}
+        signing_input = f"{_b64url(orjson.dumps(head))}.{_b64url(orjson.dumps(claims))}"
+        signature = hmac.new(self._secret, signing_input.encode(), hashlib.sha256).digest()
+        token = f"{signing_input}.{_b64url(signature)}"
+        self._on_loop(lambda: self._tokens.__setitem__(token, exp))
+        return token
+
+    def _close_conn(self, conn: _Connection, code: int, reason: str) -> None:
+        if not conn.close_request.done() and not conn.ws.closed:
+            self._closes[code] += 1
+            conn.close_request.set_result((code, reason))
+
+    # ---- HTTP handlers ---------------------------------------------------------------------
+
+    async def _login(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        user = form.get("UserName_or_Email", form.get("username"))
+        password = form.get("Password", form.get("password"))
+        if not isinstance(user, str) or not isinstance(password, str):
+            self._logins_failed += 1
+            return web.json_response({"detail": "username and password are required"}, status=401)
+        good_user = hmac.compare_digest(user.encode(), self.options.username.encode())
+        good_pass = hmac.compare_digest(password.encode(), self.options.password.encode())
+        if not (good_user and good_pass):
+            self._logins_failed += 1
+            return web.json_response({"detail": "invalid username or password"}, status=401)
+        return web.json_response({"Authorization": self.issue_token(username=user)}, status=201)
+
+    def _check(self, request: web.Request, endpoint: Endpoint) -> tuple[str | None, float | None]:
+        """Why this handshake is refused (None when accepted), and the token's expiry."""
+        header = request.headers.get("Authorization", "").strip()
+        scheme, _, rest = header.partition(" ")
+        bearer = scheme.lower() == "bearer" and bool(rest.strip())
+        token = rest.strip() if bearer else header
+        scheme_wanted = self.options.header_scheme
+        exp: float | None = None
+        if not token:
+            return "missing token", None
+        if (scheme_wanted == "raw" and bearer) or (scheme_wanted == "bearer" and not bearer):
+            return "bad auth scheme", None
+        if token != self.options.static_token:
+            if token not in self._tokens:
+                return "invalid token", None
+            if token in self._revoked:
+                return "revoked token", None
+            exp = self._tokens[token]
+            if exp <= time.time():
+                return "expired token", None
+        idents = request.query.getall("contract_id" if endpoint == "id" else "contract_name", [])
+        if not idents:
+            return "no contract", exp
+        if any(ident not in self._by_key[endpoint] for ident in idents):
+            return "unknown contract", exp  # like the real server, never says which one
+        return None, exp
+
+    async def _stream(self, request: web.Request) -> web.StreamResponse:
+        endpoint: Endpoint = "id" if request.match_info["endpoint"] == "id" else "name"
+        refusal, exp = self._check(request, endpoint)
+        if refusal is not None:
+            self._refusals[refusal] += 1
+            if self._refuse_with == "403":  # FastAPI closing before accept answers HTTP 403
+                return web.Response(status=403, text="Forbidden")
+            refused = web.WebSocketResponse(timeout=self.options.close_timeout)
+            await refused.prepare(request)
+            await refused.close(code=POLICY_VIOLATION, message=refusal.encode())
+            return refused
+        idents = request.query.getall("contract_id" if endpoint == "id" else "contract_name")
+        chosen = [self._by_key[endpoint][ident] for ident in dict.fromkeys(idents)]
+        ws = web.WebSocketResponse(
+            compress=not self.options.fast,  # fast mode writes its own uncompressed frames
+            heartbeat=self.options.heartbeat,
+            timeout=self.options.close_timeout,
+        )
+        writer = await ws.prepare(request)
+        if request.transport is None:
+            return ws
+        self._accepted += 1
+        subscription = Subscription(self._market, chosen, endpoint, self.options.seed)
+        closing = asyncio.get_running_loop().create_future()
+        conn = _Connection(self._accepted, ws, request.transport, subscription, closing)
+        handler = asyncio.current_task()
+        assert handler is not None
+        self._handlers.add(handler)
+        self._conns[conn.id] = conn
+        self._sent_by_conn[conn.id] = 0
+        expiry = None
+        if exp is not None:
+            delay = max(0.0, exp - time.time())
+            expiry = asyncio.get_running_loop().call_later(
+                delay, self._close_conn, conn, POLICY_VIOLATION, "expired token"
+            )
+        send = self._send_fast(conn, writer) if self.options.fast else self._send_paced(conn)
+        sender = asyncio.create_task(send)
+        try:
+            await self._converse(conn)
+        finally:
+            if expiry is not None:
+                expiry.cancel()
+            sender.cancel()
+            await asyncio.wait([sender])
+            del self._conns[conn.id]
+            self._handlers.discard(handler)
+        return ws
+
+    @staticmethod
+    async def _converse(conn: _Connection) -> None:
+        """Read until the client closes, or close on request with a full close handshake.
+
+        Reading answers pings (autoping) and the client's close (autoclose); client text is
+        ignored, there is no dynamic subscribe yet. Our close runs here, not beside a pending
+        `receive()`: aiohttp would then drop the TCP connection without awaiting the reply.
+        """
+        ends = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
+        while not conn.ws.closed:
+            receiving = asyncio.ensure_future(conn.ws.receive())
+            try:
+                await asyncio.wait(
+                    (receiving, conn.close_request), return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                receiving.cancel()
+                await asyncio.wait([receiving])
+            if not receiving.cancelled() and receiving.result().type in ends:
+                return
+            if conn.close_request.done():
+                code, reason = conn.close_request.result()
+                await conn.ws.close(code=code, message=reason.encode())
+
+    # ---- senders ---------------------------------------------------------------------------
+
+    def _record(self, conn: _Connection, messages: Sequence[Message]) -> None:
+        if self.options.keep_sent:
+            self._sent.extend(
+                SentFrame(conn.id, conn.sent + i, m.contract.id, m.fault, m.text)
+                for i, m in enumerate(messages, 1)
+            )
+        conn.sent += len(messages)
+        self._sent_by_conn[conn.id] = conn.sent
+
+    async def _send_paced(self, conn: _Connection) -> None:
+        """One `send_str` per message at `rate` per second, catching up after stalls."""
+        loop = asyncio.get_running_loop()
+        limit = self.options.max_messages
+        rate, due = self._rate, loop.time()
+        while limit is None or conn.sent < limit:
+            if not self._resumed.is_set():
+                await self._resumed.wait()
+                due = loop.time()
+            if rate != self._rate:
+                rate, due = self._rate, loop.time()
+            now = loop.time()
+            if rate > 0 and due > now:
+                await asyncio.sleep(due - now)
+                continue
+            if rate > 0:
+                due = max(due + 1.0 / rate, now - 1.0)  # catch up at most one second
+            elif conn.sent % 64 == 63:
+                await asyncio.sleep(0)  # flat out, but let the reader see a close
+            if not conn.writable():
+                return
+            message = conn.subscription.next(self._clock())
+            self._record(conn, (message,))  # before the await: the write happens first
+            await conn.ws.send_str(message.text)
+
+    async def _send_fast(self, conn: _Connection, writer: AbstractStreamWriter) -> None:
+        """Cycle a pool of pre-encoded frames, `fast_batch` frames per `transport.write`."""
+        opts = self.options
+        limit, size, step = opts.max_messages, opts.fast_pool, opts.fast_batch
+        size = size if limit is None else max(1, min(size, limit))
+        pool: list[Message] = []
+        while len(pool) < size:
+            pool.extend(conn.subscription.next(self._clock()) for _ in range(min(512, size)))
+            await asyncio.sleep(0)
+        del pool[size:]
+        frames = [text_frame(m.text.encode()) for m in pool]
+        batches = [(i, b"".join(frames[i : i + step])) for i in range(0, size, step)]
+        index = 0
+        while limit is None or conn.sent < limit:
+            if not self._resumed.is_set():
+                await self._resumed.wait()
+            if not conn.writable():
+                return
+            start, data = batches[index]
+            count = min(step, size - start)
+            if limit is not None and limit - conn.sent < count:
+                count = limit - conn.sent
+                data = b"".join(frames[start : start + count])
+            conn.transport.write(data)
+            self._record(conn, pool[start : start + count])
+            index = (index + 1) % len(batches)
+            await writer.drain()  # waits only while the transport is above its high-water mark
+            await asyncio.sleep(0)  # let the reader see a client close between batches
+
+    # ---- control API over HTTP, for a simulator run as a subprocess ------------------------
+
+    async def _control(self, request: web.Request) -> web.Response:
+        action = request.match_info["action"]
+        if action == "close":
+            code = request.query.get("code", "1011")
+            if not code.isdigit():
+                return web.json_response({"detail": "code must be an integer"}, status=400)
+            self.close_all(int(code), request.query.get("reason", ""))
+        else:
+            {"abort": self.abort_all, "revoke": self.revoke_tokens, "pause": self.pause}.get(
+                action, self.resume
+            )()
+        return web.json_response({"ok": True, "action": action})
+
+    async def _report(self, request: web.Request) -> web.Response:
+        if request.match_info["what"] == "stats":
+            return web.json_response(self.stats())
+        if not self.options.keep_sent:
+            return web.json_response({"detail": "start the simulator with keep_sent"}, status=404)
+        lines = [orjson.dumps(f, option=orjson.OPT_APPEND_NEWLINE) for f in self._sent]
+        return web.Response(body=b"".join(lines), content_type="application/x-ndjson")
