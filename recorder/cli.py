@@ -133,8 +133,12 @@ def write_result(columns: list[str], rows: list[tuple[Any, ...]], fmt: str) -> N
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(*columns, show_lines=False)
-        for row in rows:
-            table.add_row(*("NULL" if v is None else str(v) for v in row))
-        Console(width=max(80, min(240, 14 * len(columns)))).print(table)
+        cells = [["NULL" if v is None else str(v) for v in row] for row in rows]
+        table = Table(show_lines=False)
+        for column in columns:
+            table.add_column(column, no_wrap=True)
+        for row_cells in cells:
+            table.add_row(*row_cells)
+        widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
+        Console(width=sum(widths) + 3 * len(widths) + 1).print(table)
         click.echo(f"({len(rows)} rows)")
