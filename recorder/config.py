@@ -37,6 +37,8 @@ class FeedConfig(_Section, frozen=True):
     reconnect_max_seconds: float = 30.0
     stable_after_seconds: float = 60.0
     close_timeout_seconds: float = 2.0
+    stale_after_seconds: float = 0.0  # no-data watchdog; 0 = off (quiet contracts are normal)
+    refusal_probe_seconds: float = 1.0  # how long a probe waits for a 1008 after the accept
 
 
 class AuthConfig(_Section, frozen=True):

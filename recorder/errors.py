@@ -5,6 +5,7 @@
     ├── AuthError          the token endpoint refused the credentials (exit code 2)
     ├── FeedError          a stream ended or could not be opened
     │   ├── RefusedError   the server refused: HTTP 401/403 at the handshake or close code 1008
+    │   │   └── AllRefusedError  every contract of a connection is refused, even after a new login
     │   └── TransientError any other end: a close code, a lost TCP connection, a timeout
     ├── FlattenError       a frame that cannot become rows (it goes to quarantine)
     └── StorageError       a Parquet write or a data-directory problem
@@ -39,6 +40,10 @@ class FeedError(RecorderError):
 
 class RefusedError(FeedError):
     """The server refused the subscription (HTTP 401/403 or close code 1008)."""
+
+
+class AllRefusedError(RefusedError):
+    """Every contract of a connection is refused, even with a fresh token (exit code 2)."""
 
 
 class TransientError(FeedError):

@@ -24,6 +24,7 @@ from yarl import URL
 
 from recorder.auth import TokenProvider
 from recorder.config import FeedConfig
+from recorder.events import FeedEvents, NoEvents
 from recorder.errors import FeedError, RefusedError, TransientError
 from recorder.logs import scrub
 
@@ -80,6 +81,7 @@ class FeedConnection:
         tokens: TokenProvider,
         on_frame: FrameSink,
         stop: asyncio.Event,
+        events: FeedEvents | None = None,
     ) -> None:
         self.name = name
         self.contracts = tuple(contracts)
@@ -89,6 +91,7 @@ class FeedConnection:
         self._tokens = tokens
         self._on_frame = on_frame
         self._stop = stop
+        self._events: FeedEvents = events or NoEvents()
         self.stats = ConnectionStats()
         self._log = log.bind(connection=name, contracts=len(self.contracts))
 
