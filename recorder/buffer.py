@@ -83,6 +83,11 @@ class Buffer:
             if p.opened_at <= deadline or len(p.rows) >= cap
         ]
 
+    def min_seq(self) -> int | None:
+        """The lowest seq still buffered (None when empty): every lower seq is written."""
+        firsts = [int(p.rows[0][_SEQ_INDEX[k[0]]]) for k, p in self._partitions.items() if p.rows]
+        return min(firsts, default=None)
+
     def take(self, keys: Iterable[Key]) -> list[Batch]:
         """Remove the given partitions' rows, split into batches of at most max_rows_per_file."""
         batches: list[Batch] = []

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import duckdb
 
-from recorder.schema import TABLES, Table
+from recorder.schema import TABLES, Table, package_data_dir
 
 
 def _quote(text: str) -> str:
@@ -45,10 +45,19 @@ def view_sql(data_dir: Path, table: Table) -> str:
     return f"CREATE OR REPLACE VIEW {table.name} AS SELECT {columns} FROM {source}"
 
 
+def derived_views() -> list[str]:
+    """The statements of ``schemas/views.sql`` (sessions, gaps, ...), in order."""
+    text = (package_data_dir("schemas") / "views.sql").read_text(encoding="utf-8")
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith("--")]
+    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+
+
 def create_views(con: duckdb.DuckDBPyConnection, data_dir: Path) -> None:
-    """(Re)create every table's view on ``con``; call again to see tables that gained files."""
+    """(Re)create every view on ``con``; call again to see tables that gained files."""
     for table in TABLES.values():
         con.execute(view_sql(data_dir, table))
+    for statement in derived_views():
+        con.execute(statement)
 
 
 def connect(data_dir: str | Path, database: str = ":memory:") -> duckdb.DuckDBPyConnection:

@@ -12,7 +12,7 @@ import duckdb
 import orjson
 
 from recorder import logs
-from recorder.errors import AuthError, ConfigError
+from recorder.errors import AllRefusedError, AuthError, ConfigError
 
 _HELP_CONFIG = "TOML config file; every key can be overridden by IME_RECORDER_<SECTION>__<KEY>."
 
@@ -46,7 +46,7 @@ def run(config_path: str | None) -> None:
     logs.configure(config.log.level, config.log.format)
     try:
         run_daemon(config, credentials)
-    except AuthError as exc:
+    except (AuthError, AllRefusedError) as exc:
         _fail(str(exc), code=EXIT_CONFIG)
 
 
@@ -142,3 +142,43 @@ def write_result(columns: list[str], rows: list[tuple[Any, ...]], fmt: str) -> N
         widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
         Console(width=sum(widths) + 3 * len(widths) + 1).print(table)
         click.echo(f"({len(rows)} rows)")
+
+
+@main.command()
+@click.option("--data-dir", default="data", show_default=True, type=click.Path(file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
+def status(data_dir: str, fmt: str) -> None:
+    """Per contract and in total: frames, rows per table, quarantined, last message, open gaps."""
+    from recorder.accounting import status as read_status
+
+    if not Path(data_dir).is_dir():
+        _fail(f"--data-dir: no such directory: {data_dir}")
+    counts = read_status(Path(data_dir))
+    columns = list(counts.contracts[0]) if counts.contracts else ["contract"]
+    write_result(columns, [tuple(c.values()) for c in counts.contracts], fmt)
+    balance = "holds" if counts.balanced else "DOES NOT HOLD"
+    if counts.open_sessions:
+        balance = f"not final: {counts.open_sessions} session(s) still open"
+    click.echo(
+        f"frames received {counts.received:,} = stored {counts.stored:,}"
+        f" + quarantined {counts.quarantined:,}: {balance}; open gaps {counts.open_gaps}",
+        err=fmt != "table",
+    )
+
+
+@main.command()
+@click.option("--data-dir", default="data", show_default=True, type=click.Path(file_okay=False))
+def verify(data_dir: str) -> None:
+    """Check the data directory: readable files, no duplicates, journal frames all stored."""
+    from recorder.accounting import verify as run_verify
+
+    if not Path(data_dir).is_dir():
+        _fail(f"--data-dir: no such directory: {data_dir}")
+    result = run_verify(Path(data_dir))
+    for problem in result.problems:
+        click.echo(f"PROBLEM: {problem}")
+    click.echo(
+        f"{result.files} files, {result.journal_frames} journaled frames checked: "
+        + ("OK" if result.ok else f"{len(result.problems)} problem(s)")
+    )
+    sys.exit(0 if result.ok else 1)

@@ -57,6 +57,15 @@ class StorageConfig(_Section, frozen=True):
     fsync: bool = True
 
 
+class JournalConfig(_Section, frozen=True):
+    enabled: bool = True
+    fsync: bool = True
+    fsync_interval_seconds: float = 0.05  # a power loss takes at most this much of the stream
+    write_interval_seconds: float = 0.005  # a kill -9 takes at most this much
+    segment_megabytes: int = 64
+    retention_days: float = 0.0  # 0: remove segments once in Parquet; else keep them compressed
+
+
 class LogConfig(_Section, frozen=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -66,6 +75,7 @@ class Config(_Section, frozen=True):
     feed: FeedConfig = FeedConfig()
     auth: AuthConfig = AuthConfig()
     storage: StorageConfig = StorageConfig()
+    journal: JournalConfig = JournalConfig()
     log: LogConfig = LogConfig()
 
     @property
@@ -161,6 +171,9 @@ def _check(config: Config) -> None:
         "storage.flush_interval_seconds": storage.flush_interval_seconds,
         "storage.max_rows_per_file": storage.max_rows_per_file,
         "storage.max_buffered_rows": storage.max_buffered_rows,
+        "journal.fsync_interval_seconds": config.journal.fsync_interval_seconds,
+        "journal.write_interval_seconds": config.journal.write_interval_seconds,
+        "journal.segment_megabytes": config.journal.segment_megabytes,
     }
     for key, value in positive.items():
         if not 0 < value < math.inf:  # also refuses NaN
@@ -168,6 +181,8 @@ def _check(config: Config) -> None:
     stable = feed.stable_after_seconds
     if not 0 <= stable < math.inf:
         raise ConfigError(f"feed.stable_after_seconds: must be 0 or more, got {stable}")
+    if not 0 <= config.journal.retention_days < math.inf:
+        raise ConfigError("journal.retention_days: must be 0 or more")
     if not 1 <= storage.compression_level <= 22:
         raise ConfigError("storage.compression_level: must be 1..22 (zstd)")
 

@@ -20,8 +20,10 @@ import structlog
 
 from recorder.auth import TokenProvider
 from recorder.config import Config, Credentials
+from recorder.errors import AllRefusedError, AuthError
 from recorder.feed import FeedConnection, split_contracts
 from recorder.pipeline import Pipeline
+from recorder.recovery import recover
 
 log = structlog.get_logger("recorder.daemon")
 
@@ -49,8 +51,16 @@ async def record(
     Raises AuthError when the login is refused (the caller exits with code 2).
     """
     run_id = f"{int(time.time()):x}{secrets.token_hex(2)}"
-    pipeline = Pipeline(config.data_dir, config.storage, config.partition_tz, config.naive_tz)
+    pipeline = Pipeline(
+        config.data_dir,
+        config.storage,
+        config.partition_tz,
+        config.naive_tz,
+        journal=config.journal,
+        run=run_id,
+    )
     recorder = Recorder(config, pipeline)
+    recover(pipeline)
     pipeline.start()
     connector = aiohttp.TCPConnector(limit=0)
     try:
@@ -62,7 +72,14 @@ async def record(
             )
             recorder.connections = [
                 FeedConnection(
-                    f"{run_id}-{i}", group, config.feed, session, tokens, pipeline.on_frame, stop
+                    f"{run_id}-{i}",
+                    group,
+                    config.feed,
+                    session,
+                    tokens,
+                    pipeline.on_frame,
+                    stop,
+                    events=pipeline,
                 )
                 for i, group in enumerate(groups)
             ]
@@ -76,13 +93,7 @@ async def record(
                 started = on_start(recorder)
                 if started is not None:
                     await started
-            tasks = [asyncio.create_task(c.run(), name=c.name) for c in recorder.connections]
-            try:
-                await asyncio.gather(*tasks)
-            finally:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+            await _run_connections(recorder.connections, stop)
     finally:
         flushed = await pipeline.close()
         log.info(
@@ -93,6 +104,52 @@ async def record(
             files_written=pipeline.stats.files_written,
             flushed=flushed,
         )
+
+
+async def _supervise(connection: FeedConnection, stop: asyncio.Event) -> None:
+    """Run one connection; a bug in it restarts it instead of stopping the others."""
+    while not stop.is_set():
+        try:
+            await connection.run()
+            return
+        except (AllRefusedError, AuthError):
+            raise
+        except Exception:
+            log.exception(
+                "connection failed unexpectedly; restarting it", connection=connection.name
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 5.0)
+
+
+async def _run_connections(connections: list[FeedConnection], stop: asyncio.Event) -> None:
+    """Run every connection until stopped.
+
+    A connection whose every contract is refused ends alone; when all of them end so, or a
+    login is refused, AllRefusedError / AuthError is raised after the others are stopped.
+    """
+    pending = {asyncio.create_task(_supervise(c, stop), name=c.name) for c in connections}
+    refused: list[AllRefusedError] = []
+    fatal: BaseException | None = None
+    try:
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                error = task.exception()
+                if isinstance(error, AllRefusedError):
+                    log.error("every contract of a connection refused", error=str(error))
+                    refused.append(error)
+                elif error is not None and fatal is None:
+                    fatal = error
+                    stop.set()
+            if len(refused) == len(connections):
+                raise refused[0]
+        if fatal is not None:
+            raise fatal
+    finally:
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
 
 def install_stop_signals(stop: asyncio.Event) -> None:

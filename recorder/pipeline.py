@@ -1,8 +1,12 @@
-"""From frames to Parquet files: seq numbers, flattening, quarantine, buffering and flushes.
+"""From frames to Parquet files: seq numbers, the journal, flattening, quarantine, flushes.
 
-``on_frame`` runs on the event loop for every frame and does no I/O; Parquet writes run in
-one worker thread, so a slow disk never stalls the receive loops. A failed write puts its
-rows back and is retried with backoff: nothing received is dropped while the process lives.
+``on_frame`` runs on the event loop for every frame: it takes a seq, queues the frame for the
+journal, flattens it and buffers its rows, with no I/O. Parquet writes run in one worker
+thread, so a slow disk never stalls the receive loops; a failed write puts its rows back and
+is retried with backoff. Once every row of a frame is in Parquet, its journal segment goes.
+
+Connection events (sessions opened and closed, contracts rejected) take the same path: a
+seq, a journal record, rows of ``session_log``/``rejections``.
 """
 
 from __future__ import annotations
@@ -11,17 +15,21 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import tzinfo
 from pathlib import Path
+from typing import Any
 
+import orjson
 import structlog
 
-from recorder.buffer import Batch, Buffer, Key
-from recorder.config import StorageConfig
+from recorder.buffer import Batch, Buffer, Key, Row
+from recorder.config import JournalConfig, StorageConfig
 from recorder.errors import FlattenError, StorageError
-from recorder.flatten import Extra, flatten
+from recorder.flatten import ENVELOPE, Extra, flatten
+from recorder.journal import EVENT, FRAME, Journal
 from recorder.paths import partition_date
 from recorder.state import SeqAllocator
 from recorder.writer import ParquetWriter, WrittenFile
@@ -29,6 +37,7 @@ from recorder.writer import ParquetWriter, WrittenFile
 log = structlog.get_logger("recorder.pipeline")
 
 _DAY_BUCKET_US = 15 * 60 * 1_000_000  # every time zone offset in use is a multiple of 15 min
+_EMPTY_MESSAGE: Extra = (ENVELOPE, None, "{}")  # a message with no section still leaves a row
 
 
 @dataclass
@@ -37,10 +46,12 @@ class Stats:
 
     frames: int = 0
     quarantined: int = 0
+    recovered: int = 0
     rows_written: Counter[str] = field(default_factory=Counter)
     files_written: int = 0
     bytes_written: int = 0
     flushes: int = 0
+    flush_failures: int = 0
     last_flush_at: float | None = None  # wall-clock seconds
     last_flush_ok: bool = True
     last_message_at: dict[str, float] = field(default_factory=dict)
@@ -64,7 +75,7 @@ class LocalDays:
 
 
 class Pipeline:
-    """Turns frames into buffered rows and buffered rows into Parquet files."""
+    """Turns frames and connection events into buffered rows, and rows into Parquet files."""
 
     def __init__(
         self,
@@ -72,10 +83,13 @@ class Pipeline:
         storage: StorageConfig,
         partition_tz: tzinfo,
         naive_tz: tzinfo,
+        journal: JournalConfig | None = None,
+        run: str = "",
     ) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir = data_dir
         self.storage = storage
+        self.run = run
         self._naive_tz = naive_tz
         self._local_day = LocalDays(partition_tz)
         self._seq = SeqAllocator(data_dir)
@@ -84,13 +98,27 @@ class Pipeline:
         )
         self._writer = ParquetWriter(data_dir, storage.compression_level, storage.fsync)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet-writer")
+        self.journal: Journal | None = None
+        if journal is not None and journal.enabled:
+            self.journal = Journal(
+                data_dir,
+                fsync=journal.fsync,
+                fsync_interval=journal.fsync_interval_seconds,
+                write_interval=journal.write_interval_seconds,
+                segment_bytes=journal.segment_megabytes * 1024 * 1024,
+                retention_days=journal.retention_days,
+                on_error=self._journal_error,
+            )
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._closing = False
         self._flusher: asyncio.Task[None] | None = None
         self._seen_sections: set[str | None] = set()
+        self._open_sessions: dict[str, dict[str, Any]] = {}
         self._failures = 0
-        self._last_error_log = 0.0
+        self._last_error_log: dict[str, float] = {}
+        #: set while replaying the journal: tells which partitions already hold a seq
+        self._skip: Callable[[Key, int], bool] | None = None
         self.stats = Stats()
 
     @property
@@ -102,28 +130,39 @@ class Pipeline:
     def on_frame(self, connection: str, frame: bytes | str, received_us: int) -> int:
         """Take one frame as received; returns its seq. Never raises for bad input."""
         seq = self._seq.next()
+        if self.journal is not None:
+            raw = frame if isinstance(frame, bytes) else frame.encode()
+            self.journal.append(FRAME, seq, received_us, connection, raw)
         self.stats.frames += 1
-        now = time.monotonic()
+        self._ingest(connection, frame, received_us, seq, time.monotonic())
+        return seq
+
+    def _ingest(
+        self, connection: str, frame: bytes | str, received_us: int, seq: int, now: float
+    ) -> None:
         try:
             message = flatten(frame, self._naive_tz)
         except FlattenError as exc:
             self._quarantine(connection, frame, received_us, seq, exc.reason, now)
-            return seq
+            return
         contract = message.contract
         day = self._local_day(message.exchange_us)
         head = (message.exchange_us, received_us, seq)
         full = False
         for table, rows in message.rows.items():
-            full |= self._buffer.add((table, day, contract), [head + row for row in rows], now)
-        if message.extras:
-            full |= self._buffer.add(
-                ("extras", day, contract), [head + extra for extra in message.extras], now
-            )
+            full |= self._add((table, day, contract), [head + row for row in rows], seq, now)
+        extras = message.extras or ([] if message.rows else [_EMPTY_MESSAGE])
+        if extras:
+            full |= self._add(("extras", day, contract), [head + e for e in extras], seq, now)
             self._note_sections(message.extras, contract)
-        self.stats.last_message_at[contract] = time.time()
+        self.stats.last_message_at[contract] = received_us / 1e6
         if full:
             self._wake.set()
-        return seq
+
+    def _add(self, key: Key, rows: list[Row], seq: int, now: float) -> bool:
+        if self._skip is not None and self._skip(key, seq):
+            return False
+        return self._buffer.add(key, rows, now)
 
     def _quarantine(
         self,
@@ -136,12 +175,13 @@ class Pipeline:
     ) -> None:
         raw = frame if isinstance(frame, str) else frame.decode("utf-8", "backslashreplace")
         day = self._local_day(received_us)
-        self.stats.quarantined += 1
-        if self._buffer.add(
-            ("quarantine", day, None), [(received_us, seq, connection, reason, raw)], now
-        ):
+        if self._skip is None:
+            self.stats.quarantined += 1
+        row = (received_us, seq, connection, reason, raw)
+        if self._add(("quarantine", day, None), [row], seq, now):
             self._wake.set()
-        log.warning("frame quarantined", seq=seq, connection=connection, reason=reason)
+        if self._skip is None:
+            self._log_limited("quarantine", "frame quarantined", seq=seq, reason=reason)
 
     def _note_sections(self, extras: list[Extra], contract: str) -> None:
         for section, _, _ in extras:
@@ -149,10 +189,117 @@ class Pipeline:
                 self._seen_sections.add(section)
                 log.info("unknown section kept in extras", section=section, contract=contract)
 
+    def _log_limited(self, kind: str, event: str, **fields: Any) -> None:
+        """Log ``event`` at most once a minute per ``kind`` (floods help nobody)."""
+        now = time.monotonic()
+        if now - self._last_error_log.get(kind, -1e9) >= 60:
+            self._last_error_log[kind] = now
+            log.warning(event, **fields, note="repeats of this kind are muted for a minute")
+
+    # ------------------------------------------------------------------ journal replay
+
+    def replaying(self, skip: Callable[[Key, int], bool] | None) -> None:
+        """Enter (``skip`` given) or leave journal-replay mode (see recorder.recovery)."""
+        self._skip = skip
+
+    def replay_frame(
+        self, connection: str, frame: bytes, received_us: int, seq: int, now: float
+    ) -> None:
+        self.stats.recovered += 1
+        self._ingest(connection, frame, received_us, seq, now)
+
+    def replay_event(self, event: dict[str, Any], seq: int, received_us: int, now: float) -> None:
+        self._event_rows(event, seq, received_us, now)
+
+    def relieve_memory(self) -> None:
+        """Before the loop runs: write everything when the buffer is full (recovery only)."""
+        if self._buffer.rows >= self.storage.max_buffered_rows:
+            _, failed, error = self._write(self._buffer.take_all())
+            if error is not None:
+                self._buffer.restore(failed, time.monotonic())
+                log.error("cannot write recovered rows yet; kept in memory", error=str(error))
+
+    def seq_above(self, seq: int) -> None:
+        self._seq.ensure_above(seq)
+
+    def reopen_for_close(self, session: str, opened: dict[str, Any]) -> None:
+        """Know a session the journal shows open, so that it can be closed (recovery)."""
+        self._open_sessions[session] = {k: v for k, v in opened.items() if k != "frames"}
+
+    # ------------------------------------------------------------------ connection events
+
+    def session_opened(
+        self, session: str, endpoint: str, contracts: tuple[str, ...], at_us: int
+    ) -> None:
+        event = {
+            "event": "session_opened",
+            "session": session,
+            "run": self.run,
+            "endpoint": endpoint,
+            "contracts": list(contracts),
+            "opened_at": at_us,
+        }
+        self._open_sessions[session] = event
+        self._record_event(event, at_us)
+
+    def session_closed(
+        self, session: str, at_us: int, code: int | None, reason: str, frames: int, stale: bool
+    ) -> None:
+        opened = self._open_sessions.pop(session, None)
+        if opened is None:
+            return
+        event = {
+            **opened,
+            "event": "session_closed",
+            "closed_at": at_us,
+            "close_code": code,
+            "reason": reason,
+            "frames": frames,
+            "stale": stale,
+        }
+        self._record_event(event, at_us)
+
+    def contracts_rejected(self, contracts: tuple[str, ...], at_us: int, reason: str) -> None:
+        event = {"event": "contracts_rejected", "contracts": list(contracts), "reason": reason}
+        self._record_event(event, at_us)
+
+    def _record_event(self, event: dict[str, Any], at_us: int) -> None:
+        seq = self._seq.next()
+        if self.journal is not None:
+            self.journal.append(
+                EVENT, seq, at_us, str(event.get("session", "")), orjson.dumps(event)
+            )
+        self._event_rows(event, seq, at_us, time.monotonic())
+
+    def _event_rows(self, event: dict[str, Any], seq: int, received_us: int, now: float) -> None:
+        day = self._local_day(received_us)
+        kind = event["event"]
+        if kind == "contracts_rejected":
+            rows = [(received_us, seq, c, event["reason"]) for c in event["contracts"]]
+            self._add(("rejections", day, None), rows, seq, now)
+        elif kind in ("session_opened", "session_closed"):
+            row = (
+                received_us,
+                seq,
+                event["session"],
+                event["run"],
+                event["endpoint"],
+                event["contracts"],
+                event["opened_at"],
+                event.get("closed_at"),
+                event.get("close_code"),
+                event.get("reason"),
+                event.get("frames", 0),
+                event.get("stale", False),
+            )
+            self._add(("session_log", day, None), [row], seq, now)
+
     # ------------------------------------------------------------------ flushing
 
     def start(self) -> None:
-        """Start the background flusher (call once, from the event loop)."""
+        """Start the journal writer and the background flusher (call once, on the loop)."""
+        if self.journal is not None:
+            self.journal.start()
         self._flusher = asyncio.create_task(self.run_flusher(), name="flusher")
 
     async def run_flusher(self) -> None:
@@ -165,12 +312,12 @@ class Pipeline:
             if self._closing:
                 return
             keys = self._buffer.due(time.monotonic())
-            if keys and not await self._flush(keys):
+            if keys and not await self.flush(keys):
                 backoff = min(30.0, 0.5 * 2 ** min(self._failures, 6))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), backoff)
 
-    async def _flush(self, keys: list[Key] | None) -> bool:
+    async def flush(self, keys: list[Key] | None = None) -> bool:
         """Write the given partitions (None: all); False when a write failed (rows kept)."""
         batches = self._buffer.take_all() if keys is None else self._buffer.take(keys)
         if not batches:
@@ -184,23 +331,36 @@ class Pipeline:
         self.stats.files_written += len(written)
         self.stats.flushes += 1
         self.stats.last_flush_at = time.time()
+        if failed:
+            self._buffer.restore(failed, time.monotonic())
+        self._release_journal()
         if error is None:
             self._failures = 0
             self.stats.last_flush_ok = True
             log.debug("flushed", files=len(written), seconds=round(time.monotonic() - started, 3))
             return True
-        self._buffer.restore(failed, time.monotonic())
         self._failures += 1
+        self.stats.flush_failures += 1
         self.stats.last_flush_ok = False
-        if time.monotonic() - self._last_error_log >= 60 or self._failures == 1:
-            self._last_error_log = time.monotonic()
-            log.error(
-                "flush failed; rows kept in memory and retried",
-                error=str(error),
-                rows_kept=self._buffer.rows,
-                failures=self._failures,
-            )
+        self._log_limited(
+            "flush",
+            "flush failed; rows kept in memory and retried",
+            error=str(error),
+            rows_kept=self._buffer.rows,
+            failures=self._failures,
+        )
         return False
+
+    def _release_journal(self) -> None:
+        if self.journal is not None:
+            floor = self._buffer.min_seq()
+            self.journal.release(self._seq.last + 1 if floor is None else floor)
+
+    def _journal_error(self, error: OSError) -> None:
+        # called from the journal's thread; structlog's logger is thread-safe
+        self._log_limited(
+            "journal", "journal write failed; frames kept and retried", error=str(error)
+        )
 
     def _write(
         self, batches: list[Batch]
@@ -221,12 +381,16 @@ class Pipeline:
         if self._flusher is not None:
             await self._flusher  # it finishes the write in progress, so files stay in seq order
         deadline = time.monotonic() + patience
-        ok = await self._flush(None)
+        ok = await self.flush(None)
         while not ok and time.monotonic() < deadline:
             await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
-            ok = await self._flush(None)
+            ok = await self.flush(None)
         if not ok:
-            log.error("rows could not be written before exit", rows_lost=self._buffer.rows)
+            log.error(
+                "rows not written before exit; they stay in the journal", rows=self._buffer.rows
+            )
         self._pool.shutdown(wait=True)
+        if self.journal is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.journal.close)
         self._seq.close()
         return ok

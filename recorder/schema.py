@@ -18,6 +18,8 @@ _ARROW_TYPES: dict[str, pa.DataType] = {
     "BIGINT": pa.int64(),
     "INTEGER": pa.int32(),
     "DOUBLE": pa.float64(),
+    "BOOLEAN": pa.bool_(),
+    "VARCHAR[]": pa.list_(pa.string()),
 }
 
 #: The tables that hold market data, in the order of the message's sections.

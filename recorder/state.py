@@ -74,6 +74,12 @@ class SeqAllocator:
         self._next = value + 1
         return value
 
+    def ensure_above(self, seq: int) -> None:
+        """Never hand out ``seq`` or anything below it (the journal knows of it)."""
+        if self._next <= seq:
+            self._next = seq + 1
+            self._reserve()
+
     @property
     def last(self) -> int:
         """The last value handed out (0 when none yet)."""

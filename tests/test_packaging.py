@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from recorder.schema import TABLES
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -52,16 +54,5 @@ def test_installed_package_carries_its_schemas_and_configs(tmp_path: Path) -> No
     module, schemas, tables, contracts = result.stdout.splitlines()
     assert module.startswith(str(target))
     assert schemas == str(target / "recorder" / "_data" / "schemas")
-    assert tables == str(
-        sorted(
-            [
-                "aggregate",
-                "allowed_price_range",
-                "best_limit",
-                "contract_info",
-                "extras",
-                "quarantine",
-            ]
-        )
-    )
+    assert tables == str(sorted(TABLES))
     assert contracts == "('1001', '1002')"

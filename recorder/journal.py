@@ -1,0 +1,344 @@
+"""Write-ahead journal: every frame, as received, is appended here before it is parsed.
+
+Layout: ``{data_dir}/_journal/{first_seq:020d}.jnl`` segments, each a sequence of records::
+
+    u32 body length | u32 crc32(body) | body
+    body = u8 kind | i64 seq | i64 received_us | u16 len(connection) | connection | payload
+
+``kind`` is FRAME (payload = the frame's bytes) or EVENT (payload = JSON of a connection
+event or of a checkpoint). The event loop only appends to an in-memory list; one writer
+thread writes it to the segment every ``write_interval`` (so a ``kill -9`` loses at most that
+much) and fdatasyncs it every ``fsync_interval`` (so a power loss loses at most that much).
+Segments whose frames are all in Parquet are removed, or compressed into ``_journal/archive``
+and kept for ``retention_days``.
+
+Reading checks every record's CRC; a torn or corrupt tail is cut off with a warning that
+says how many bytes, and never stops anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow as pa
+import structlog
+
+from recorder.state import fsync_dir
+
+log = structlog.get_logger("recorder.journal")
+
+JOURNAL_DIR = "_journal"
+ARCHIVE_DIR = "archive"
+FRAME, EVENT = 1, 2
+_HEAD = struct.Struct("<II")
+_BODY = struct.Struct("<BqqH")
+_SUFFIX = ".jnl"
+_ARCHIVE_SUFFIX = ".jnl.zst"
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One journal record as read back."""
+
+    kind: int
+    seq: int
+    received_us: int
+    connection: str
+    payload: bytes
+
+
+def encode(kind: int, seq: int, received_us: int, connection: str, payload: bytes) -> bytes:
+    """The bytes of one record (header and body)."""
+    conn = connection.encode()
+    body = _BODY.pack(kind, seq, received_us, len(conn)) + conn + payload
+    return _HEAD.pack(len(body), zlib.crc32(body)) + body
+
+
+def decode(data: bytes) -> tuple[list[Record], int]:
+    """Records of a segment's bytes and the length of its valid prefix (the rest is torn)."""
+    records: list[Record] = []
+    offset, size, head, body = 0, len(data), _HEAD.size, _BODY.size
+    while offset + head <= size:
+        length, crc = _HEAD.unpack_from(data, offset)
+        start, end = offset + head, offset + head + length
+        if length < body or end > size or zlib.crc32(data[start:end]) != crc:
+            break
+        kind, seq, received_us, conn_len = _BODY.unpack_from(data, start)
+        conn_end = start + body + conn_len
+        if kind not in (FRAME, EVENT) or conn_end > end:
+            break
+        connection = data[start + body : conn_end].decode("utf-8", "replace")
+        records.append(Record(kind, seq, received_us, connection, data[conn_end:end]))
+        offset = end
+    return records, offset
+
+
+def _segment_first_seq(path: Path) -> int:
+    return int(path.name.split(".", 1)[0])
+
+
+class Journal:
+    """The append side (event loop) and the writer thread of the journal."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        fsync: bool = True,
+        fsync_interval: float = 0.05,
+        write_interval: float = 0.005,
+        segment_bytes: int = 64 * 1024 * 1024,
+        retention_days: float = 0.0,
+        on_error: Callable[[OSError], None] | None = None,
+    ) -> None:
+        self.dir = data_dir / JOURNAL_DIR
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.fsync = fsync
+        self.fsync_interval = fsync_interval
+        self.write_interval = write_interval
+        self.segment_bytes = segment_bytes
+        self.retention_days = retention_days
+        self._on_error = on_error
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._pending: list[_Pending] = []
+        self._closing = False
+        self._release_below = 0
+        self._file: int | None = None
+        self._file_path: Path | None = None
+        self._file_bytes = 0
+        self._sessions = SessionCounts()
+        self._thread: threading.Thread | None = None
+        #: last seq handed to the OS (survives a kill -9) and last seq fsynced (survives power loss)
+        self.written_seq = 0
+        self.durable_seq = 0
+        self.backlog_bytes = 0
+        self.failing = False
+
+    # ------------------------------------------------------------------ reading (at start)
+
+    def segments(self) -> list[Path]:
+        """Live segments in seq order."""
+        return sorted(self.dir.glob(f"*{_SUFFIX}"), key=_segment_first_seq)
+
+    def recover(self) -> Iterator[Record]:
+        """Every record of the live segments, in order, cutting torn or corrupt tails.
+
+        A record repeated after a failed write (same seq) is given once.
+        """
+        last_seq = -1
+        for path in self.segments():
+            data = path.read_bytes()
+            records, valid = decode(data)
+            if valid < len(data):
+                log.warning(
+                    "journal tail cut",
+                    segment=path.name,
+                    bytes_cut=len(data) - valid,
+                    records_kept=len(records),
+                )
+                with open(path, "r+b") as handle:
+                    handle.truncate(valid)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            for record in records:
+                if record.seq == 0 or record.seq > last_seq:
+                    last_seq = max(last_seq, record.seq)
+                    yield record
+
+    def archived(self) -> Iterator[Record]:
+        """Every record of the retained (compressed) segments, in order."""
+        archive = self.dir / ARCHIVE_DIR
+        for path in sorted(archive.glob(f"*{_ARCHIVE_SUFFIX}"), key=_segment_first_seq):
+            with pa.CompressedInputStream(str(path), "zstd") as stream:
+                records, _ = decode(stream.read())
+            yield from records
+
+    # ------------------------------------------------------------------ writing
+
+    def start(self) -> None:
+        """Start the writer thread."""
+        self._thread = threading.Thread(target=self._run, name="journal-writer", daemon=True)
+        self._thread.start()
+
+    def append(
+        self, kind: int, seq: int, received_us: int, connection: str, payload: bytes
+    ) -> None:
+        """Queue one record (event loop; no I/O)."""
+        record = encode(kind, seq, received_us, connection, payload)
+        with self._lock:
+            self._pending.append(_Pending(record, seq, kind, connection, payload))
+            self.backlog_bytes += len(record)
+
+    def release(self, below_seq: int) -> None:
+        """Every frame with a seq below ``below_seq`` is in Parquet: its segments may go."""
+        self._release_below = max(self._release_below, below_seq)
+
+    def close(self) -> None:
+        """Write and fsync everything queued, then stop the writer thread."""
+        self._closing = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        last_sync = time.monotonic()
+        while True:
+            closing = self._closing
+            self._wake.wait(self.write_interval)
+            self._wake.clear()
+            try:
+                self._write_pending()
+                now = time.monotonic()
+                if closing or now - last_sync >= self.fsync_interval:
+                    self._sync()
+                    last_sync = now
+                self._remove_released()
+                self.failing = False
+            except OSError as exc:
+                self.failing = True
+                if self._on_error is not None:
+                    self._on_error(exc)
+                if closing:
+                    return  # the rows are in Parquet or reported lost by the pipeline
+                time.sleep(min(1.0, self.fsync_interval * 10))
+                continue
+            if closing:
+                if self._file is not None:
+                    os.close(self._file)
+                    self._file, self._file_path = None, None
+                with contextlib.suppress(OSError):
+                    self._remove_released(final=True)
+                return
+
+    def _write_pending(self) -> None:
+        with self._lock:
+            chunk, self._pending = self._pending, []
+        if not chunk:
+            return
+        data = b"".join(p.record for p in chunk)
+        if self._file is None or self._file_bytes >= self.segment_bytes:
+            self._rotate(chunk[0].seq)
+        assert self._file is not None
+        before = self._file_bytes
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(self._file, view)
+                view = view[written:]
+                self._file_bytes += written
+        except OSError:
+            # Keep the whole chunk for the next try, in a new segment: a record never
+            # straddles segments, and a partial chunk left here is a torn tail that
+            # recovery cuts (or a repeat that it skips by seq).
+            with self._lock:
+                self._pending[:0] = chunk
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._file, before)
+            with contextlib.suppress(OSError):
+                os.close(self._file)
+            self._file = None
+            raise
+        with self._lock:
+            self.backlog_bytes -= len(data)
+        for pending in chunk:
+            self._sessions.observe(pending)
+        self.written_seq = chunk[-1].seq
+
+    def _rotate(self, first_seq: int) -> None:
+        if self._file is not None:
+            self._sync()
+            os.close(self._file)
+            self._file = None
+        path = self.dir / f"{first_seq:020d}{_SUFFIX}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._file, self._file_path, self._file_bytes = fd, path, os.fstat(fd).st_size
+        # each segment opens with the open sessions and their frame counts so far, so the
+        # sessions stay exact after older segments are gone
+        header = encode(EVENT, 0, time.time_ns() // 1000, "", self._sessions.checkpoint())
+        os.write(fd, header)
+        self._file_bytes += len(header)
+        fsync_dir(self.dir)
+
+    def _sync(self) -> None:
+        if self._file is not None:
+            if self.fsync:
+                os.fdatasync(self._file)
+            self.durable_seq = self.written_seq
+
+    def _remove_released(self, final: bool = False) -> None:
+        """Remove (or archive) closed segments whose every record is below the release mark.
+
+        ``final``: the writer is closed and nothing is pending, so the last segment's records
+        all stand below ``written_seq + 1``; it goes too when that is released.
+        """
+        segments = self.segments()
+        bounds = [_segment_first_seq(s) for s in segments[1:]]
+        if final and not self._pending:
+            bounds.append(self.written_seq + 1)
+        for path, bound in zip(segments, bounds, strict=False):
+            if bound > self._release_below or path == self._file_path:
+                break
+            if self.retention_days > 0:
+                self._archive(path)
+            else:
+                path.unlink()
+        if self.retention_days > 0:
+            cutoff = time.time() - self.retention_days * 86400
+            for old in (self.dir / ARCHIVE_DIR).glob(f"*{_ARCHIVE_SUFFIX}"):
+                if old.stat().st_mtime < cutoff:
+                    old.unlink()
+
+    def _archive(self, path: Path) -> None:
+        archive = self.dir / ARCHIVE_DIR
+        archive.mkdir(exist_ok=True)
+        target = archive / (path.name.removesuffix(_SUFFIX) + _ARCHIVE_SUFFIX)
+        tmp = target.with_name("." + target.name + ".tmp")
+        with pa.CompressedOutputStream(str(tmp), "zstd") as out:
+            out.write(path.read_bytes())
+        os.replace(tmp, target)
+        fsync_dir(archive)
+        path.unlink()
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    record: bytes
+    seq: int
+    kind: int
+    connection: str
+    payload: bytes
+
+
+class SessionCounts:
+    """Open sessions and their frame counts, as the journal's records say (writer thread)."""
+
+    def __init__(self) -> None:
+        self.open: dict[str, dict[str, Any]] = {}
+
+    def observe(self, record: _Pending | Record) -> None:
+        if record.kind == FRAME:
+            session = self.open.get(record.connection)
+            if session is not None:
+                session["frames"] += 1
+            return
+        event = orjson.loads(record.payload)
+        if "checkpoint" in event:
+            self.open = {k: dict(v) for k, v in event["checkpoint"].items()}
+        elif event.get("event") == "session_opened":
+            self.open[event["session"]] = {**event, "frames": 0}
+        elif event.get("event") == "session_closed":
+            self.open.pop(event["session"], None)
+
+    def checkpoint(self) -> bytes:
+        return orjson.dumps({"checkpoint": self.open})
