@@ -75,8 +75,7 @@ def status(data_dir: Path) -> Status:
                (SELECT count(*) FROM sessions WHERE closed_at IS NULL),
                (SELECT count(*) FROM gaps WHERE gap_end IS NULL)
         """
-    ).fetchone()
-    assert totals is not None
+    ).fetchall()[0]
     received, stored, quarantined, open_sessions, open_gaps = (int(v) for v in totals)
     return Status(contracts, received, stored, quarantined, open_sessions, open_gaps)
 
@@ -112,13 +111,13 @@ def _duplicates(con: duckdb.DuckDBPyConnection, result: Verification) -> None:
         )
         found = con.execute(
             f"SELECT count(*) FROM (SELECT {keys} FROM {name} GROUP BY ALL HAVING count(*) > 1)"
-        ).fetchone()
+        ).fetchall()[0]
         if found and found[0]:
             result.problems.append(f"{name}: {found[0]} rows stored more than once")
     stored = _stored_seqs_sql()
     both = con.execute(
         f"SELECT count(*) FROM (SELECT seq FROM quarantine INTERSECT SELECT seq FROM ({stored}))"
-    ).fetchone()
+    ).fetchall()[0]
     if both and both[0]:
         result.problems.append(f"{both[0]} frames are both quarantined and stored")
 

@@ -110,6 +110,7 @@ class Journal:
         self.retention_days = retention_days
         self._on_error = on_error
         self._lock = threading.Lock()
+        self._written = threading.Condition()
         self._wake = threading.Event()
         self._pending: list[_Pending] = []
         self._closing = False
@@ -253,7 +254,18 @@ class Journal:
             self.backlog_bytes -= len(data)
         for pending in chunk:
             self._sessions.observe(pending)
-        self.written_seq = chunk[-1].seq
+        with self._written:
+            self.written_seq = chunk[-1].seq
+            self._written.notify_all()
+
+    def wait_written(self, seq: int, timeout: float) -> bool:
+        """Block (not on the event loop) until ``seq`` is in the journal file; False on timeout.
+
+        The write-ahead rule: a frame's rows may reach Parquet only after the frame itself
+        reached the journal, or a crash could leave rows that no journal record accounts for.
+        """
+        with self._written:
+            return self._written.wait_for(lambda: self.written_seq >= seq, timeout)
 
     def _rotate(self, first_seq: int) -> None:
         if self._file is not None:

@@ -365,7 +365,10 @@ class Pipeline:
     def _write(
         self, batches: list[Batch]
     ) -> tuple[list[WrittenFile], list[Batch], StorageError | None]:
-        written = []
+        written: list[WrittenFile] = []
+        newest = max(b.last_seq for b in batches)
+        if self.journal is not None and not self.journal.wait_written(newest, timeout=5.0):
+            return written, batches, StorageError("the journal is behind; rows kept for later")
         for index, batch in enumerate(batches):
             try:
                 written.append(self._writer.write(batch))

@@ -18,7 +18,12 @@ RECORDER = str(Path(sys.executable).with_name("ime-recorder"))
 
 
 def write_config(
-    path: Path, sim: Any, data_dir: Path, contracts: list[str], extra: str = ""
+    path: Path,
+    sim: Any,
+    data_dir: Path,
+    contracts: list[str],
+    extra: str = "",
+    flush_interval: float = 0.5,
 ) -> Path:
     """A TOML config for ``sim`` written the way a user writes one."""
     quoted = ", ".join(f'"{c}"' for c in contracts)
@@ -34,7 +39,7 @@ token_url = "{sim.token_url}"
 header_scheme = "raw"
 [storage]
 data_dir = "{data_dir}"
-flush_interval_seconds = 0.5
+flush_interval_seconds = {flush_interval}
 partition_timezone = "Asia/Tehran"
 {extra}
 """,

@@ -1,0 +1,118 @@
+"""Crashes for real: kill -9 of the recorder process at random instants, then restarts."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+
+import recorder
+from recorder.errors import FlattenError
+from recorder.flatten import flatten
+from recorder.journal import FRAME, Journal, Record
+from recorder.schema import DATA_TABLES
+from tests.conftest import wait_for
+from tests.test_daemon import RECORDER, recorder_env, write_config
+
+KILLS = 20
+
+
+def journaled_frames(data_dir: Path) -> list[Record]:
+    """Every frame the journal ever held (live segments and retained archives), by seq."""
+    journal = Journal(data_dir)
+    frames = {r.seq: r for r in [*journal.archived(), *journal.recover()] if r.kind == FRAME}
+    return [frames[seq] for seq in sorted(frames)]
+
+
+def expected_counts(frames: list[Record]) -> dict[str, int]:
+    """Rows per table that the journaled frames must have produced, each exactly once."""
+    counts = dict.fromkeys((*DATA_TABLES, "quarantine"), 0)
+    for record in frames:
+        try:
+            message = flatten(record.payload)
+        except FlattenError:
+            counts["quarantine"] += 1
+            continue
+        for table, rows in message.rows.items():
+            counts[table] += len(rows)
+    return counts
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_instants_loses_and_duplicates_nothing(
+    simulator: Any, tmp_path: Path
+) -> None:
+    """20 kill -9 under load (flushes included): every journaled frame stored once, a restart gap each."""
+    sim = simulator(contracts=6, rate=3000, malformed=0.01, keep_sent=False, seed=11)
+    data_dir = tmp_path / "data"
+    config = write_config(
+        tmp_path / "c.toml",
+        sim,
+        data_dir,
+        [c.id for c in sim.contracts],
+        "[journal]\nretention_days = 1\n",
+        flush_interval=0.15,
+    )
+    env = recorder_env(HEDGETECH_USERNAME="demo", HEDGETECH_PASSWORD="demo")
+    rng = random.Random(20261121)
+
+    def start() -> subprocess.Popen[bytes]:
+        before = sim.stats()["connections_accepted"]
+        proc = subprocess.Popen(
+            [RECORDER, "run", "--config", str(config)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for(lambda: sim.stats()["connections_accepted"] > before, what="a new connection")
+        return proc
+
+    for _ in range(KILLS):
+        proc = start()
+        time.sleep(rng.uniform(0.05, 0.8))  # the random instant of the crash, not a wait
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+    proc = start()
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=15) == 0
+
+    frames = journaled_frames(data_dir)
+    assert len(frames) > 5000
+    for path in data_dir.glob("*/date=*/**/*.parquet"):
+        pq.read_table(path)  # every visible file is whole
+    assert not list(data_dir.glob("**/.*.tmp"))
+    con = recorder.connect(data_dir)
+    expected = expected_counts(frames)
+    for table, count in expected.items():
+        key = "seq, level" if table == "best_limit" else "seq"
+        stored, distinct = con.execute(
+            f"SELECT count(*), count(DISTINCT ({key})) FROM {table}"
+        ).fetchone() or (0, 0)
+        assert stored == distinct, f"{table}: duplicate rows"
+        assert stored == count, f"{table}: {stored} rows for {count} expected"
+    journal_seqs = {r.seq for r in frames}
+    stored_seqs = {
+        s for (s,) in con.execute("SELECT seq FROM aggregate UNION SELECT seq FROM quarantine").fetchall()
+    }
+    assert journal_seqs <= stored_seqs | {r.seq for r in frames if b'"Aggregate"' not in r.payload}
+
+    sessions = con.execute(
+        "SELECT reason, count(*) FROM sessions GROUP BY 1 ORDER BY 1"
+    ).fetchall()
+    assert dict(sessions) == {"crash": KILLS, "shutdown": 1}
+    restarts = con.execute(
+        "SELECT contract, count(*) FROM gaps WHERE reason = 'restart' AND gap_end IS NOT NULL "
+        "GROUP BY 1 ORDER BY 1"
+    ).fetchall()
+    assert restarts == [(c.id, KILLS) for c in sim.contracts]
+    check = subprocess.run(
+        [RECORDER, "verify", "--data-dir", str(data_dir)], capture_output=True, text=True, check=False
+    )
+    assert check.returncode == 0, check.stdout
