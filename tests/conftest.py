@@ -65,7 +65,12 @@ def make_config(
         ),
         auth=AuthConfig(token_url=sim.token_url),
         storage=StorageConfig(
-            data_dir=str(data_dir), flush_interval_seconds=0.3, fsync=False, **(storage or {})
+            **{
+                "data_dir": str(data_dir),
+                "flush_interval_seconds": 0.3,
+                "fsync": False,
+                **(storage or {}),
+            }
         ),
     )
 

@@ -48,7 +48,7 @@ def expected_counts(frames: list[Record]) -> dict[str, int]:
 def test_kill_9_at_random_instants_loses_and_duplicates_nothing(
     simulator: Any, tmp_path: Path
 ) -> None:
-    """20 kill -9 under load (flushes included): every journaled frame stored once, a restart gap each."""
+    """20 kill -9 under load: every journaled frame stored once, and a restart gap for each."""
     sim = simulator(contracts=6, rate=3000, malformed=0.01, keep_sent=False, seed=11)
     data_dir = tmp_path / "data"
     config = write_config(
@@ -99,13 +99,14 @@ def test_kill_9_at_random_instants_loses_and_duplicates_nothing(
         assert stored == count, f"{table}: {stored} rows for {count} expected"
     journal_seqs = {r.seq for r in frames}
     stored_seqs = {
-        s for (s,) in con.execute("SELECT seq FROM aggregate UNION SELECT seq FROM quarantine").fetchall()
+        s
+        for (s,) in con.execute(
+            "SELECT seq FROM aggregate UNION SELECT seq FROM quarantine"
+        ).fetchall()
     }
     assert journal_seqs <= stored_seqs | {r.seq for r in frames if b'"Aggregate"' not in r.payload}
 
-    sessions = con.execute(
-        "SELECT reason, count(*) FROM sessions GROUP BY 1 ORDER BY 1"
-    ).fetchall()
+    sessions = con.execute("SELECT reason, count(*) FROM sessions GROUP BY 1 ORDER BY 1").fetchall()
     assert dict(sessions) == {"crash": KILLS, "shutdown": 1}
     restarts = con.execute(
         "SELECT contract, count(*) FROM gaps WHERE reason = 'restart' AND gap_end IS NOT NULL "
@@ -113,6 +114,9 @@ def test_kill_9_at_random_instants_loses_and_duplicates_nothing(
     ).fetchall()
     assert restarts == [(c.id, KILLS) for c in sim.contracts]
     check = subprocess.run(
-        [RECORDER, "verify", "--data-dir", str(data_dir)], capture_output=True, text=True, check=False
+        [RECORDER, "verify", "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert check.returncode == 0, check.stdout
