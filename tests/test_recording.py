@@ -212,3 +212,28 @@ def test_malformed_frames_go_to_quarantine_and_unknown_sections_to_extras(
     extras = con.execute("SELECT count(*) FROM extras").fetchone()
     assert extras == (sum(_unknown_parts(f.text) for f in good),)
     assert extras[0] >= 10
+
+
+def test_odd_contract_names_round_trip_and_stay_inside_the_data_dir(
+    simulator: Any, tmp_path: Path
+) -> None:
+    """Names with /, .., =, %, spaces or Persian letters come back exactly, written nowhere else."""
+    sim = simulator(contracts=2, rate=0, max_messages=120, keep_sent=True, odd_names=True)
+    names = [c.name for c in sim.contracts]
+    assert {"..", "../SAFFRON-MAY05", "CEMENT%2FJUL05", "COPPER AUG05", "سکه-طلا"} <= set(names)
+    data_dir = tmp_path / "data"
+    record_until(
+        make_config(sim, data_dir, subscribe_by="name"),
+        lambda r: r.pipeline.stats.frames == 120,
+    )
+    sent: dict[str, int] = {}
+    for frame in sim.sent:
+        name = json.loads(frame.text)["contractName"]
+        sent[name] = sent.get(name, 0) + 1
+    con = recorder.connect(data_dir)
+    stored = dict(con.execute("SELECT contract, count(*) FROM aggregate GROUP BY 1").fetchall())
+    assert stored == sent
+    assert len(stored) == 11
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+    folders = {p.name for p in data_dir.glob("aggregate/*/*")}
+    assert all(f.startswith("contract=") and "/" not in f and ".." not in f for f in folders)
