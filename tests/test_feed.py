@@ -10,6 +10,7 @@ from structlog.testing import capture_logs
 
 import recorder
 from recorder.config import Credentials, Secret
+from recorder.errors import AllRefusedError
 from recorder.feed import split_contracts, stream_url
 from tests.conftest import make_config, record_until
 
@@ -32,20 +33,22 @@ def test_split_contracts_keeps_order_and_size() -> None:
 
 
 @pytest.mark.parametrize("mode", ["403", "1008"])
-def test_refused_subscription_is_logged_and_retried_without_crashing(
+def test_refused_contract_is_dropped_and_the_rest_recorded_by_the_daemon(
     simulator: Any, tmp_path: Path, mode: str
 ) -> None:
-    """An unknown contract refused with HTTP 403 or close 1008 is logged and retried."""
+    """An unknown contract refused with HTTP 403 or close 1008 is dropped; the rest is recorded."""
     sim = simulator(contracts=3, rate=50, refuse_with=mode)
-    config = make_config(sim, tmp_path, ["1001", "9999"])
+    config = make_config(sim, tmp_path, ["1001", "9999"], feed={"refusal_probe_seconds": 0.3})
     with capture_logs() as logs:
-        rec = record_until(config, lambda r: r.connections[0].stats.reconnects >= 3)
-    assert rec.pipeline.stats.frames == 0
-    lost = [e for e in logs if e["event"] == "stream lost; reconnecting"]
-    assert len(lost) >= 3
-    expected = "handshake refused: HTTP 403" if mode == "403" else "closed with code 1008"
-    assert all(e["refused"] and expected in e["reason"] for e in lost)
-    assert sum(sim.stats()["refusals"].values()) >= 3
+        rec = record_until(
+            config, lambda r: r.connections[0].stats.open and r.pipeline.stats.frames >= 20
+        )
+    assert rec.connections[0].contracts == ("1001",)
+    assert rec.connections[0].stats.rejected == ("9999",)
+    refused = [e for e in logs if e["event"].startswith("contracts refused by the server")]
+    assert [e["refused"] for e in refused] == [["9999"]]
+    # the first stream, its retry after a new login, and the probe of 9999 alone
+    assert sim.stats()["refusals"] == {"unknown contract": 3}
 
 
 def test_server_close_1011_reconnects_and_keeps_every_frame(simulator: Any, tmp_path: Path) -> None:
@@ -118,8 +121,9 @@ def test_header_scheme_is_sent_as_configured(
         rec = record_until(config, lambda r: r.pipeline.stats.frames == 20)
         assert rec.connections[0].stats.reconnects == 0
     else:
-        rec = record_until(config, lambda r: r.connections[0].stats.reconnects >= 2)
-        assert rec.pipeline.stats.frames == 0
+        with pytest.raises(AllRefusedError, match=r"HTTP 403|close code 1008"):
+            record_until(config, lambda r: False)
+        assert sim.stats()["refusals"] == {"bad auth scheme": 2 + 2}
 
 
 def test_static_token_is_used_as_is_without_login(simulator: Any, tmp_path: Path) -> None:
