@@ -15,9 +15,11 @@ QUALIFY row_number() OVER (PARTITION BY session ORDER BY seq DESC) = 1;
 -- is incomplete.
 CREATE OR REPLACE VIEW gaps AS
 WITH covered AS (
+    -- a stream refused right after its accept (1008, no frame) never carried anything
     SELECT unnest(contracts) AS contract, session, opened_at,
            coalesce(closed_at, 'infinity'::TIMESTAMPTZ) AS until, reason AS closed_for, stale
     FROM sessions
+    WHERE NOT (close_code IS NOT DISTINCT FROM 1008 AND frames = 0)
 ),
 ordered AS (
     SELECT contract, opened_at,
