@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from recorder.catalog import connect
 from recorder.errors import FlattenError
 from recorder.flatten import flatten
-from recorder.journal import FRAME, Journal
+from recorder.journal import FRAME, SNAPSHOT, Journal
 from recorder.schema import DATA_TABLES, TABLES
 
 #: the tables whose rows make a frame "stored"
@@ -127,7 +127,7 @@ def _journal_frames(data_dir: Path, con: duckdb.DuckDBPyConnection, result: Veri
     journal = Journal(data_dir)
     expected: list[tuple[str, int, int]] = []
     for record in [*journal.archived(), *journal.recover()]:
-        if record.kind != FRAME:
+        if record.kind not in (FRAME, SNAPSHOT):
             continue
         result.journal_frames += 1
         try:

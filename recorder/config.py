@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import ssl
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,6 +32,10 @@ class FeedConfig(_Section, frozen=True):
     base_url: str = "wss://core.hedgetech.ir/data-engine/ime"
     subscribe_by: Literal["id", "name"] = "id"
     contracts: tuple[str, ...] = ()
+    markets: tuple[str, ...] = ()  # discovery: whole markets (IMEFutures, IMEOption, ...)
+    search: tuple[str, ...] = ()  # discovery: name fragments, searched in `markets` (or all)
+    discovery_interval_seconds: float = 3600.0
+    snapshot_on_connect: bool = True  # fetch the live overview of a session's contracts
     naive_timestamp_timezone: str = "UTC"
     max_contracts_per_connection: int = 50
     heartbeat_seconds: float = 20.0
@@ -45,6 +50,7 @@ class AuthConfig(_Section, frozen=True):
     token_url: str = "https://core.hedgetech.ir/auth/user/token/issue"  # noqa: S105 - a URL
     header_scheme: Literal["raw", "bearer"] = "raw"
     timeout_seconds: float = 15.0
+    ca_bundle: str = ""  # a PEM file of extra CAs, trusted besides the system's (checks stay on)
 
 
 class StorageConfig(_Section, frozen=True):
@@ -71,12 +77,19 @@ class LogConfig(_Section, frozen=True):
     format: Literal["auto", "json", "console"] = "auto"
 
 
+class MetricsConfig(_Section, frozen=True):
+    enabled: bool = True
+    host: str = "127.0.0.1"  # the container image sets 0.0.0.0
+    port: int = 9108  # /metrics, /healthz, /readyz; 0 = any free port (tests)
+
+
 class Config(_Section, frozen=True):
     feed: FeedConfig = FeedConfig()
     auth: AuthConfig = AuthConfig()
     storage: StorageConfig = StorageConfig()
     journal: JournalConfig = JournalConfig()
     log: LogConfig = LogConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     @property
     def data_dir(self) -> Path:
@@ -155,8 +168,16 @@ def _check(config: Config) -> None:
         raise ConfigError(f"feed.base_url: {feed.base_url!r} is not a ws:// or wss:// URL")
     if urlsplit(auth.token_url).scheme not in ("http", "https"):
         raise ConfigError(f"auth.token_url: {auth.token_url!r} is not an http(s):// URL")
-    if not feed.contracts:
-        raise ConfigError("feed.contracts: no contract to record (give at least one)")
+    if not (feed.contracts or feed.markets or feed.search):
+        raise ConfigError(
+            "feed.contracts: no contract to record (give contracts, markets or search)"
+        )
+    for market in feed.markets:
+        if market not in ("IMEDepositCertificate", "IMEFutures", "IMEOption"):
+            raise ConfigError(
+                f"feed.markets: unknown market {market!r} "
+                "(IMEDepositCertificate, IMEFutures, IMEOption)"
+            )
     if len(set(feed.contracts)) != len(feed.contracts):
         raise ConfigError("feed.contracts: a contract is listed twice")
     for key in ("naive_timestamp_timezone",):
@@ -164,6 +185,7 @@ def _check(config: Config) -> None:
     _check_zone("storage.partition_timezone", storage.partition_timezone)
     positive = {
         "feed.max_contracts_per_connection": feed.max_contracts_per_connection,
+        "feed.discovery_interval_seconds": feed.discovery_interval_seconds,
         "feed.heartbeat_seconds": feed.heartbeat_seconds,
         "feed.reconnect_max_seconds": feed.reconnect_max_seconds,
         "feed.close_timeout_seconds": feed.close_timeout_seconds,
@@ -185,6 +207,22 @@ def _check(config: Config) -> None:
         raise ConfigError("journal.retention_days: must be 0 or more")
     if not 1 <= storage.compression_level <= 22:
         raise ConfigError("storage.compression_level: must be 1..22 (zstd)")
+    if not 0 <= config.metrics.port <= 65535:
+        raise ConfigError(f"metrics.port: must be 0..65535, got {config.metrics.port}")
+    if auth.ca_bundle:
+        _check_ca_bundle(auth.ca_bundle)
+
+
+def _check_ca_bundle(path: str) -> None:
+    """``auth.ca_bundle`` must be a readable PEM file holding at least one certificate."""
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=path)
+    except FileNotFoundError:
+        raise ConfigError(f"auth.ca_bundle: file not found: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"auth.ca_bundle: cannot read {path} ({exc.strerror})") from None
+    except ssl.SSLError:
+        raise ConfigError(f"auth.ca_bundle: {path} holds no PEM certificate") from None
 
 
 def _check_zone(key: str, name: str) -> None:

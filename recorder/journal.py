@@ -39,7 +39,7 @@ log = structlog.get_logger("recorder.journal")
 
 JOURNAL_DIR = "_journal"
 ARCHIVE_DIR = "archive"
-FRAME, EVENT = 1, 2
+FRAME, EVENT, SNAPSHOT = 1, 2, 3
 _HEAD = struct.Struct("<II")
 _BODY = struct.Struct("<BqqH")
 _SUFFIX = ".jnl"
@@ -75,7 +75,7 @@ def decode(data: bytes) -> tuple[list[Record], int]:
             break
         kind, seq, received_us, conn_len = _BODY.unpack_from(data, start)
         conn_end = start + body + conn_len
-        if kind not in (FRAME, EVENT) or conn_end > end:
+        if kind not in (FRAME, EVENT, SNAPSHOT) or conn_end > end:
             break
         connection = data[start + body : conn_end].decode("utf-8", "replace")
         records.append(Record(kind, seq, received_us, connection, data[conn_end:end]))
@@ -339,7 +339,7 @@ class SessionCounts:
         self.open: dict[str, dict[str, Any]] = {}
 
     def observe(self, record: _Pending | Record) -> None:
-        if record.kind == FRAME:
+        if record.kind in (FRAME, SNAPSHOT):
             session = self.open.get(record.connection)
             if session is not None:
                 session["frames"] += 1

@@ -29,8 +29,9 @@ from recorder.buffer import Batch, Buffer, Key, Row
 from recorder.config import JournalConfig, StorageConfig
 from recorder.errors import FlattenError, StorageError
 from recorder.flatten import ENVELOPE, Extra, flatten
-from recorder.journal import EVENT, FRAME, Journal
+from recorder.journal import EVENT, FRAME, SNAPSHOT, Journal
 from recorder.paths import partition_date
+from recorder.reference import reference_row
 from recorder.state import SeqAllocator
 from recorder.writer import ParquetWriter, WrittenFile
 
@@ -38,6 +39,7 @@ log = structlog.get_logger("recorder.pipeline")
 
 _DAY_BUCKET_US = 15 * 60 * 1_000_000  # every time zone offset in use is a multiple of 15 min
 _EMPTY_MESSAGE: Extra = (ENVELOPE, None, "{}")  # a message with no section still leaves a row
+SOURCE_STREAM, SOURCE_SNAPSHOT = "stream", "snapshot"
 
 
 @dataclass
@@ -45,6 +47,7 @@ class Stats:
     """Counters of one recorder run (the metrics and the progress line read them)."""
 
     frames: int = 0
+    snapshots: int = 0
     quarantined: int = 0
     recovered: int = 0
     rows_written: Counter[str] = field(default_factory=Counter)
@@ -115,6 +118,7 @@ class Pipeline:
         self._flusher: asyncio.Task[None] | None = None
         self._seen_sections: set[str | None] = set()
         self._open_sessions: dict[str, dict[str, Any]] = {}
+        self._dedupe: dict[str, set[int]] = {}
         self._failures = 0
         self._last_error_log: dict[str, float] = {}
         #: set while replaying the journal: tells which partitions already hold a seq
@@ -137,8 +141,31 @@ class Pipeline:
         self._ingest(connection, frame, received_us, seq, time.monotonic())
         return seq
 
+    def on_snapshot(self, connection: str, message: bytes, received_us: int) -> int:
+        """Take one live-overview snapshot, already in wire shape; stored with source=snapshot."""
+        seq = self._seq.next()
+        if self.journal is not None:
+            self.journal.append(SNAPSHOT, seq, received_us, connection, message)
+        self.stats.snapshots += 1
+        self._ingest(connection, message, received_us, seq, time.monotonic(), SOURCE_SNAPSHOT)
+        return seq
+
+    def overlap(self, contracts: tuple[str, ...], active: bool) -> None:
+        """While two streams carry ``contracts``, a repeated (contract, exchange_ts) is dropped."""
+        for contract in contracts:
+            if active:
+                self._dedupe.setdefault(contract, set())
+            else:
+                self._dedupe.pop(contract, None)
+
     def _ingest(
-        self, connection: str, frame: bytes | str, received_us: int, seq: int, now: float
+        self,
+        connection: str,
+        frame: bytes | str,
+        received_us: int,
+        seq: int,
+        now: float,
+        source: str = SOURCE_STREAM,
     ) -> None:
         try:
             message = flatten(frame, self._naive_tz)
@@ -146,14 +173,24 @@ class Pipeline:
             self._quarantine(connection, frame, received_us, seq, exc.reason, now)
             return
         contract = message.contract
+        if self._dedupe and source == SOURCE_STREAM and contract in self._dedupe:
+            seen = self._dedupe[contract]
+            if message.exchange_us in seen:
+                reason = "duplicate: the same contract and timestamp came on two streams"
+                self._quarantine(connection, frame, received_us, seq, reason, now)
+                return
+            seen.add(message.exchange_us)
         day = self._local_day(message.exchange_us)
         head = (message.exchange_us, received_us, seq)
+        tail = (source,)
         full = False
         for table, rows in message.rows.items():
-            full |= self._add((table, day, contract), [head + row for row in rows], seq, now)
+            key = (table, day, contract)
+            full |= self._add(key, [head + row + tail for row in rows], seq, now)
         extras = message.extras or ([] if message.rows else [_EMPTY_MESSAGE])
         if extras:
-            full |= self._add(("extras", day, contract), [head + e for e in extras], seq, now)
+            rows = [head + e + tail for e in extras]
+            full |= self._add(("extras", day, contract), rows, seq, now)
             self._note_sections(message.extras, contract)
         self.stats.last_message_at[contract] = received_us / 1e6
         if full:
@@ -203,10 +240,16 @@ class Pipeline:
         self._skip = skip
 
     def replay_frame(
-        self, connection: str, frame: bytes, received_us: int, seq: int, now: float
+        self,
+        connection: str,
+        frame: bytes,
+        received_us: int,
+        seq: int,
+        now: float,
+        source: str = SOURCE_STREAM,
     ) -> None:
         self.stats.recovered += 1
-        self._ingest(connection, frame, received_us, seq, now)
+        self._ingest(connection, frame, received_us, seq, now, source)
 
     def replay_event(self, event: dict[str, Any], seq: int, received_us: int, now: float) -> None:
         self._event_rows(event, seq, received_us, now)
@@ -263,6 +306,10 @@ class Pipeline:
         event = {"event": "contracts_rejected", "contracts": list(contracts), "reason": reason}
         self._record_event(event, at_us)
 
+    def on_reference(self, items: list[tuple[dict[str, Any], str]], at_us: int) -> None:
+        """Static data of the contract universe, as discovery fetched it (the contracts view)."""
+        self._record_event({"event": "reference", "items": [list(i) for i in items]}, at_us)
+
     def _record_event(self, event: dict[str, Any], at_us: int) -> None:
         seq = self._seq.next()
         if self.journal is not None:
@@ -277,6 +324,10 @@ class Pipeline:
         if kind == "contracts_rejected":
             rows = [(received_us, seq, c, event["reason"]) for c in event["contracts"]]
             self._add(("rejections", day, None), rows, seq, now)
+        elif kind == "reference":
+            head = (received_us, seq)
+            rows = [head + reference_row(item, market) for item, market in event["items"]]
+            self._add(("reference", day, None), rows, seq, now)
         elif kind in ("session_opened", "session_closed"):
             row = (
                 received_us,

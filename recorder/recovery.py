@@ -18,9 +18,9 @@ import orjson
 import structlog
 
 from recorder.buffer import Key
-from recorder.journal import FRAME, SessionCounts
+from recorder.journal import FRAME, SNAPSHOT, SessionCounts
 from recorder.paths import partition_dir, seq_range
-from recorder.pipeline import Pipeline
+from recorder.pipeline import SOURCE_SNAPSHOT, SOURCE_STREAM, Pipeline
 
 log = structlog.get_logger("recorder.recovery")
 
@@ -92,10 +92,11 @@ def recover(pipeline: Pipeline) -> Recovered:
                 continue  # a segment's checkpoint
             highest = max(highest, record.seq)
             now = time.monotonic()
-            if record.kind == FRAME:
+            if record.kind in (FRAME, SNAPSHOT):
                 frames += 1
+                source = SOURCE_SNAPSHOT if record.kind == SNAPSHOT else SOURCE_STREAM
                 pipeline.replay_frame(
-                    record.connection, record.payload, record.received_us, record.seq, now
+                    record.connection, record.payload, record.received_us, record.seq, now, source
                 )
             else:
                 events += 1

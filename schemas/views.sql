@@ -20,6 +20,7 @@ WITH covered AS (
            coalesce(closed_at, 'infinity'::TIMESTAMPTZ) AS until, reason AS closed_for, stale
     FROM sessions
     WHERE NOT (close_code IS NOT DISTINCT FROM 1008 AND frames = 0)
+      AND reason IS DISTINCT FROM 'snapshot'  -- a snapshot fetch is an instant, not coverage
 ),
 ordered AS (
     SELECT contract, opened_at,
@@ -61,3 +62,186 @@ never_covered AS (
 SELECT contract, gap_start, gap_end, reason FROM classified
 UNION ALL
 SELECT contract, gap_start, gap_end, reason FROM never_covered;
+
+-- ---------------------------------------------------------------------------------------------
+-- Backtesting views. Every one keeps `contract` (and, where rows come from one partition,
+-- `date`), so `WHERE contract = ... AND date = ...` still reads only the matching files, and
+-- each joins `gaps` on `contract` and a time to know where history is incomplete.
+
+-- The best three levels of each message that carried a BestLimit section, one row per message.
+-- A side of a level is NULL when it is empty (the feed sends price 0 and quantity 0) or when
+-- the message did not carry that level; mid and spread are NULL unless both best sides exist.
+CREATE OR REPLACE VIEW top_of_book AS
+WITH sides AS (
+    SELECT contract, date, exchange_ts, seq, level,
+           buy_price <> 0 AND buy_quantity <> 0 AS has_bid,
+           sell_price <> 0 AND sell_quantity <> 0 AS has_ask,
+           buy_price, buy_quantity, sell_price, sell_quantity
+    FROM best_limit
+),
+book AS (
+    SELECT contract, date, exchange_ts, seq,
+           max(buy_price) FILTER (WHERE level = 1 AND has_bid) AS bid_price_1,
+           max(buy_quantity) FILTER (WHERE level = 1 AND has_bid) AS bid_quantity_1,
+           max(buy_price) FILTER (WHERE level = 2 AND has_bid) AS bid_price_2,
+           max(buy_quantity) FILTER (WHERE level = 2 AND has_bid) AS bid_quantity_2,
+           max(buy_price) FILTER (WHERE level = 3 AND has_bid) AS bid_price_3,
+           max(buy_quantity) FILTER (WHERE level = 3 AND has_bid) AS bid_quantity_3,
+           max(sell_price) FILTER (WHERE level = 1 AND has_ask) AS ask_price_1,
+           max(sell_quantity) FILTER (WHERE level = 1 AND has_ask) AS ask_quantity_1,
+           max(sell_price) FILTER (WHERE level = 2 AND has_ask) AS ask_price_2,
+           max(sell_quantity) FILTER (WHERE level = 2 AND has_ask) AS ask_quantity_2,
+           max(sell_price) FILTER (WHERE level = 3 AND has_ask) AS ask_price_3,
+           max(sell_quantity) FILTER (WHERE level = 3 AND has_ask) AS ask_quantity_3
+    FROM sides
+    GROUP BY contract, date, exchange_ts, seq
+)
+SELECT contract, date, exchange_ts, seq,
+       bid_price_1, bid_quantity_1, bid_price_2, bid_quantity_2, bid_price_3, bid_quantity_3,
+       ask_price_1, ask_quantity_1, ask_price_2, ask_quantity_2, ask_price_3, ask_quantity_3,
+       (bid_price_1 + ask_price_1) / 2 AS mid,
+       ask_price_1 - bid_price_1 AS spread
+FROM book;
+
+-- Trading inferred between consecutive Aggregate snapshots of a contract (the feed sends no
+-- trade tape): one row per snapshot at which trade_count or total_volume grew.
+--   trade_count, volume, value  the increments of trade_count, total_volume, total_value
+--   avg_price                   value / volume (IRR per unit of volume, so it includes the
+--                               contract size when total_value does)
+--   first_price                 the first price of the step as far as the snapshot shows: the
+--                               session's open_price when the step holds the day's first trade,
+--                               else last_price
+--   high_price, low_price       the step's extremes as far as the snapshot shows: the session
+--                               high (low) when the step moved it, else last_price
+--   last_price                  the snapshot's last_price
+-- The counters restart at a new trade_date: the first snapshot of a trading date counts its
+-- totals from zero (so trading done before the recorder started that day lands on it). They
+-- also restart at a new `date` partition, which keeps the view prunable by date; with the
+-- default partition_timezone (the exchange's, Asia/Tehran) a trading date never spans two.
+-- Trading done during a gap lands on the first snapshot after it.
+CREATE OR REPLACE VIEW trades AS
+WITH steps AS (
+    SELECT contract, date, exchange_ts, seq, trade_date, last_price, open_price,
+           high_price, low_price, trade_count, total_volume, total_value,
+           lag(trade_count, 1, 0) OVER w AS prev_count,
+           lag(total_volume, 1, 0) OVER w AS prev_volume,
+           lag(total_value, 1, 0) OVER w AS prev_value,
+           lag(high_price) OVER w AS prev_high,
+           lag(low_price) OVER w AS prev_low
+    FROM aggregate
+    WHERE trade_count IS NOT NULL AND total_volume IS NOT NULL AND total_value IS NOT NULL
+    WINDOW w AS (PARTITION BY contract, date, trade_date ORDER BY exchange_ts, seq)
+)
+SELECT contract, date, exchange_ts, seq, trade_date,
+       trade_count - prev_count AS trade_count,
+       total_volume - prev_volume AS volume,
+       total_value - prev_value AS value,
+       (total_value - prev_value) / nullif(total_volume - prev_volume, 0) AS avg_price,
+       CASE WHEN prev_count = 0 AND open_price > 0 THEN open_price ELSE last_price END
+           AS first_price,
+       CASE WHEN (prev_count = 0 OR high_price > prev_high) AND high_price > 0
+            THEN greatest(high_price, last_price) ELSE last_price END AS high_price,
+       CASE WHEN (prev_count = 0 OR low_price < prev_low) AND low_price > 0
+            THEN least(low_price, last_price) ELSE last_price END AS low_price,
+       last_price
+FROM steps
+WHERE trade_count > prev_count OR total_volume > prev_volume;
+
+-- OHLCV bars: SELECT * FROM bars(INTERVAL '1 minute'). Buckets are aligned in time zone `tz`
+-- (UTC unless given: bars(INTERVAL '1 day', tz := 'Asia/Tehran') gives Tehran days). A bar
+-- exists for every interval in which a contract sent an Aggregate snapshot:
+--   with trades: open = first_price of its first step, high/low = the extremes of its steps,
+--                close = last_price of its last step; volume, value, trade_count summed
+--   without:     volume, value and trade_count are 0 and open = high = low = close = the
+--                last traded price the snapshots carry (NULL before the day's first trade)
+-- An interval without any snapshot has no bar (see gaps for whether the feed was being
+-- received). `since`/`until` keep trading in [since, until) and read only the date
+-- partitions that can hold it.
+CREATE OR REPLACE MACRO bars(bar_width, tz := 'UTC', since := NULL, until := NULL) AS TABLE
+WITH marks AS (
+    SELECT contract, exchange_ts, seq, true AS traded, first_price, high_price, low_price,
+           last_price, volume, value, trade_count
+    FROM trades
+    WHERE (since IS NULL OR (exchange_ts >= since AND date >= CAST(since AS DATE) - 1))
+      AND (until IS NULL OR (exchange_ts < until AND date <= CAST(until AS DATE) + 1))
+    UNION ALL
+    SELECT contract, exchange_ts, seq, false, NULL, NULL, NULL, nullif(last_price, 0),
+           0, 0, 0
+    FROM aggregate
+    WHERE (since IS NULL OR (exchange_ts >= since AND date >= CAST(since AS DATE) - 1))
+      AND (until IS NULL OR (exchange_ts < until AND date <= CAST(until AS DATE) + 1))
+),
+grouped AS (
+    SELECT contract, time_bucket(bar_width, exchange_ts, tz) AS bar_start,
+           arg_min(first_price, (exchange_ts, seq)) FILTER (WHERE traded) AS open,
+           max(high_price) FILTER (WHERE traded) AS high,
+           min(low_price) FILTER (WHERE traded) AS low,
+           arg_max(last_price, (exchange_ts, seq)) FILTER (WHERE traded) AS close,
+           arg_max(last_price, (exchange_ts, seq)) FILTER (WHERE NOT traded) AS carried,
+           sum(volume)::BIGINT AS volume, sum(value)::BIGINT AS value,
+           sum(trade_count)::BIGINT AS trade_count
+    FROM marks
+    GROUP BY ALL
+)
+SELECT contract, bar_start,
+       coalesce(open, carried) AS open, coalesce(high, carried) AS high,
+       coalesce(low, carried) AS low, coalesce(close, carried) AS close,
+       volume, value, trade_count
+FROM grouped;
+
+-- The state of every contract at an instant: SELECT * FROM asof_state(TIMESTAMPTZ '...').
+-- One row per contract: its last message at or before `at_ts` (exchange_ts, seq), with that
+-- message's best levels (as in top_of_book), Aggregate, AllowedPriceRange and ContractInfo;
+-- a section the message did not carry is NULL. `lookback` (an INTERVAL) ignores messages
+-- older than at_ts - lookback and reads only the date partitions that can hold the rest.
+CREATE OR REPLACE MACRO asof_state(at_ts, lookback := NULL) AS TABLE
+WITH b AS (
+    SELECT * FROM top_of_book
+    WHERE exchange_ts <= at_ts AND date <= CAST(at_ts AS DATE) + 1
+      AND (lookback IS NULL OR (exchange_ts >= at_ts - lookback
+                                AND date >= CAST(at_ts - lookback AS DATE) - 1))
+    QUALIFY row_number() OVER (PARTITION BY contract ORDER BY exchange_ts DESC, seq DESC) = 1
+),
+a AS (
+    SELECT * FROM aggregate
+    WHERE exchange_ts <= at_ts AND date <= CAST(at_ts AS DATE) + 1
+      AND (lookback IS NULL OR (exchange_ts >= at_ts - lookback
+                                AND date >= CAST(at_ts - lookback AS DATE) - 1))
+    QUALIFY row_number() OVER (PARTITION BY contract ORDER BY exchange_ts DESC, seq DESC) = 1
+),
+p AS (
+    SELECT * FROM allowed_price_range
+    WHERE exchange_ts <= at_ts AND date <= CAST(at_ts AS DATE) + 1
+      AND (lookback IS NULL OR (exchange_ts >= at_ts - lookback
+                                AND date >= CAST(at_ts - lookback AS DATE) - 1))
+    QUALIFY row_number() OVER (PARTITION BY contract ORDER BY exchange_ts DESC, seq DESC) = 1
+),
+c AS (
+    SELECT * FROM contract_info
+    WHERE exchange_ts <= at_ts AND date <= CAST(at_ts AS DATE) + 1
+      AND (lookback IS NULL OR (exchange_ts >= at_ts - lookback
+                                AND date >= CAST(at_ts - lookback AS DATE) - 1))
+    QUALIFY row_number() OVER (PARTITION BY contract ORDER BY exchange_ts DESC, seq DESC) = 1
+),
+last AS (
+    SELECT contract, date, exchange_ts, seq FROM (
+        SELECT contract, date, exchange_ts, seq FROM b
+        UNION ALL SELECT contract, date, exchange_ts, seq FROM a
+        UNION ALL SELECT contract, date, exchange_ts, seq FROM p
+        UNION ALL SELECT contract, date, exchange_ts, seq FROM c
+    )
+    QUALIFY row_number() OVER (PARTITION BY contract ORDER BY exchange_ts DESC, seq DESC) = 1
+)
+SELECT last.contract, last.date, last.exchange_ts, last.seq,
+       b.bid_price_1, b.bid_quantity_1, b.bid_price_2, b.bid_quantity_2,
+       b.bid_price_3, b.bid_quantity_3, b.ask_price_1, b.ask_quantity_1,
+       b.ask_price_2, b.ask_quantity_2, b.ask_price_3, b.ask_quantity_3, b.mid, b.spread,
+       a.trade_date, a.trade_time, a.trade_count, a.total_volume, a.total_value,
+       a.closing_price, a.last_price, a.low_price, a.high_price, a.open_price,
+       a.previous_close, p.min_allowed_price, p.max_allowed_price,
+       c.open_interest, c.open_interest_changes
+FROM last
+LEFT JOIN b ON b.contract = last.contract AND b.seq = last.seq
+LEFT JOIN a ON a.contract = last.contract AND a.seq = last.seq
+LEFT JOIN p ON p.contract = last.contract AND p.seq = last.seq
+LEFT JOIN c ON c.contract = last.contract AND c.seq = last.seq;

@@ -49,9 +49,10 @@ def expected_rows(
             if table.levels:
                 for key, level in body.items():
                     values = tuple(_value(c, level[c.field]) for c in columns)
-                    out[table.name].append((*head, int(key), *values))
+                    out[table.name].append((*head, int(key), *values, "stream"))
             else:
-                out[table.name].append((*head, *(_value(c, body[c.field]) for c in columns)))
+                values = tuple(_value(c, body[c.field]) for c in columns)
+                out[table.name].append((*head, *values, "stream"))
     return out
 
 

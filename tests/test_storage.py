@@ -83,6 +83,12 @@ SAMPLES: dict[str, tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]] = {
 }  # fmt: skip
 
 
+# tables with a `source` column get "stream" at the end of every sample row
+for _name, (_written, _read) in SAMPLES.items():
+    if "source" in [c.name for c in TABLES[_name].columns]:
+        SAMPLES[_name] = ([(*r, "stream") for r in _written], [(*r, "stream") for r in _read])
+
+
 #: the ORDER BY that lists each table's sample rows in the order written above
 ORDER = {"best_limit": "seq, level", "extras": "seq, section"}
 
@@ -145,7 +151,9 @@ def test_view_gathers_every_file_of_every_partition(tmp_path: Path) -> None:
     layout = [("2026-05-29", "1001", 1), ("2026-05-29", "1001", 2), ("2026-05-30", "1001", 3),
               ("2026-05-29", "1002", 4)]  # fmt: skip
     for day, contract, seq in layout:
-        writer.write(Batch(("contract_info", day, contract), [(NOON_US, NOON_US, seq, seq, 0)]))
+        writer.write(
+            Batch(("contract_info", day, contract), [(NOON_US, NOON_US, seq, seq, 0, "stream")])
+        )
 
     con = recorder.connect(tmp_path)
     found = con.execute(
@@ -180,7 +188,9 @@ def test_partition_columns_are_typed_and_contracts_round_trip(tmp_path: Path) ->
     """date is DATE and contract VARCHAR; every contract reads back exactly as written."""
     writer = ParquetWriter(tmp_path, fsync=False)
     for seq, contract in enumerate(ODD_CONTRACTS, start=1):
-        writer.write(Batch(("contract_info", DAY, contract), [(NOON_US, NOON_US, seq, seq, 0)]))
+        writer.write(
+            Batch(("contract_info", DAY, contract), [(NOON_US, NOON_US, seq, seq, 0, "stream")])
+        )
 
     con = recorder.connect(tmp_path)
     found = con.execute(
@@ -195,7 +205,7 @@ def test_partition_columns_are_typed_and_contracts_round_trip(tmp_path: Path) ->
 def test_contract_named_like_the_hive_null_marker_round_trips(tmp_path: Path) -> None:
     """A contract named __HIVE_DEFAULT_PARTITION__ reads back as that name, not as NULL."""
     contract = "__HIVE_DEFAULT_PARTITION__"
-    batch = Batch(("contract_info", DAY, contract), [(NOON_US, NOON_US, 1, 1, 0)])
+    batch = Batch(("contract_info", DAY, contract), [(NOON_US, NOON_US, 1, 1, 0, "stream")])
     ParquetWriter(tmp_path, fsync=False).write(batch)
 
     found = recorder.connect(tmp_path).execute("SELECT contract FROM contract_info").fetchall()
@@ -245,7 +255,7 @@ def test_quarantine_is_partitioned_by_date_only(tmp_path: Path) -> None:
 
 def test_failed_write_raises_storage_error_and_leaves_no_file(tmp_path: Path) -> None:
     """A batch whose values do not fit the schema raises StorageError and writes nothing."""
-    bad = [(NOON_US, NOON_US, 1, "not a number", 0)]
+    bad = [(NOON_US, NOON_US, 1, "not a number", 0, "stream")]
 
     with pytest.raises(StorageError, match="contract_info"):
         ParquetWriter(tmp_path).write(Batch(("contract_info", DAY, "1001"), bad))
@@ -256,7 +266,7 @@ def test_failed_write_raises_storage_error_and_leaves_no_file(tmp_path: Path) ->
 def test_write_into_a_blocked_folder_raises_storage_error(tmp_path: Path) -> None:
     """An OSError on the way (a file where the table folder should be) becomes StorageError."""
     (tmp_path / "contract_info").write_text("not a folder", encoding="utf-8")
-    rows = [(NOON_US, NOON_US, 1, 1, 0)]
+    rows = [(NOON_US, NOON_US, 1, 1, 0, "stream")]
 
     with pytest.raises(StorageError):
         ParquetWriter(tmp_path).write(Batch(("contract_info", DAY, "1001"), rows))
@@ -308,7 +318,9 @@ def test_seq_starts_after_the_highest_file_without_a_state_file(tmp_path: Path) 
     """With no state file the allocator starts after the highest seq any Parquet file names."""
     writer = ParquetWriter(tmp_path, fsync=False)
     writer.write(Batch(("best_limit", DAY, "1001"), SAMPLES["best_limit"][0]))  # seqs 11..12
-    writer.write(Batch(("contract_info", "2026-05-30", "a/b"), [(NOON_US, NOON_US, 42, 1, 0)]))
+    writer.write(
+        Batch(("contract_info", "2026-05-30", "a/b"), [(NOON_US, NOON_US, 42, 1, 0, "stream")])
+    )
     writer.write(Batch(("quarantine", DAY, None), [(NOON_US, 57, "c", "r", "x")]))
     foreign = tmp_path / "contract_info/date=2026-05-30/contract=a%2Fb"
     (foreign / "99999999999999999999-99999999999999999999.parquet.tmp").write_bytes(b"")
