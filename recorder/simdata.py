@@ -177,6 +177,24 @@ def make_contracts(count: int, seed: int, *, odd_names: bool = False) -> list[Co
     return contracts
 
 
+def new_contract(
+    existing: Sequence[Contract], market: str, seed: int, name: str | None = None
+) -> Contract:
+    """A contract listed later: the next free id, a unique name, in ``market``."""
+    number = max((int(c.id) for c in existing if c.id.isdigit()), default=1000) + 1
+    template = make_contracts(1, seed + number)[0]
+    taken = {c.name for c in existing}
+    name = name or f"{template.commodity}-NEW{number}"
+    while name in taken:
+        name += "-2"
+    strike = template.base_price if market == "IMEOption" else None
+    option: Literal["call", "put"] | None = "call" if market == "IMEOption" else None
+    return Contract(
+        str(number), name, market, template.commodity, template.csize, template.tick_size,
+        template.base_price, template.expiration_date, template.price_limit, strike, option,
+    )  # fmt: skip
+
+
 def format_timestamp(ts: datetime, style: TimestampStyle) -> str:
     """Render an exchange time: `Z` UTC, Tehran local with offset, or naive UTC wall time."""
     if style == "offset":
@@ -249,6 +267,27 @@ class Market:
             shape_rng = random.Random(f"ime-shape:{seed}:{c.id}")
             oi = rng.randint(50, 20_000)
             self._states[c.id] = _State(rng, shape_rng, c.base_price, c.base_price, oi)
+
+    def add(self, contract: Contract, seed: int) -> None:
+        """Start the market state of a newly listed contract."""
+        self.activity[contract.id] = random.Random(
+            f"ime-activity:{seed}:{contract.id}"
+        ).lognormvariate(0, 1)
+        rng = random.Random(f"ime-state:{seed}:{contract.id}")
+        shape_rng = random.Random(f"ime-shape:{seed}:{contract.id}")
+        oi = rng.randint(50, 20_000)
+        self._states[contract.id] = _State(
+            rng, shape_rng, contract.base_price, contract.base_price, oi
+        )
+
+    def current(self, contract: Contract, now: datetime) -> dict[str, Any]:
+        """The contract's sections as they stand, without advancing its market."""
+        state = self._states[contract.id]
+        ts = state.last_ts or (now if now.tzinfo is not None else now.replace(tzinfo=UTC))
+        local = ts.astimezone(TEHRAN)
+        if not state.session:
+            self._open_session(contract, state, local.date().isoformat())
+        return self._snapshot(contract, state, state.session, local.strftime("%H:%M:%S"))
 
     def update(self, contract: Contract, now: datetime, endpoint: Endpoint) -> Message:
         """Advance `contract` to exchange time `now` (UTC) and render one message."""

@@ -46,8 +46,10 @@ from recorder.simdata import (
     Subscription,
     TimestampStyle,
     make_contracts,
+    new_contract,
     text_frame,
 )
+from recorder.simrest import RestEndpoints, exchange_clock_now
 
 HeaderScheme = Literal["any", "raw", "bearer"]
 RefuseWith = Literal["403", "1008"]
@@ -185,6 +187,8 @@ class Simulator:
         app.router.add_get(STREAM_PATH.replace("{endpoint}", "{endpoint:id|name}"), self._stream)
         app.router.add_post("/_sim/{action:close|abort|revoke|pause|resume}", self._control)
         app.router.add_get("/_sim/{what:stats|sent}", self._report)
+        app.router.add_post("/_sim/list", self._list_handler)
+        RestEndpoints(self).register(app)
         self._runner = web.AppRunner(
             app, access_log=None, handle_signals=False, max_line_size=self.options.max_line_size
         )
@@ -339,8 +343,51 @@ class Simulator:
             return web.json_response({"detail": "invalid username or password"}, status=401)
         return web.json_response({"Authorization": self.issue_token(username=user)}, status=201)
 
-    def _check(self, request: web.Request, endpoint: Endpoint) -> tuple[str | None, float | None]:
-        """Why this handshake is refused (None when accepted), and the token's expiry."""
+    # ------------------------------------------------------------------ REST support (simrest)
+
+    def token_refusal(self, request: web.Request) -> str | None:
+        """Why this request's token is refused (None when it is good)."""
+        refusal, _ = self._check(request, None)
+        return refusal
+
+    def count_refusal(self, reason: str) -> None:
+        self._refusals[reason] += 1
+
+    def exchange_now(self) -> datetime:
+        return exchange_clock_now(self._clock)
+
+    def lookup(self, endpoint: str, identifier: str) -> Contract | None:
+        return self._by_key["id" if endpoint == "id" else "name"].get(identifier)
+
+    def current_state(self, contract: Contract, now: datetime) -> dict[str, Any]:
+        """The contract's market sections as they stand (the live overview's data)."""
+        return self._market.current(contract, now)
+
+    def list_contract(self, market: str = "IMEFutures", name: str | None = None) -> Contract:
+        """List a new contract while running (discovery tests); returns it."""
+
+        def add() -> Contract:
+            contract = new_contract(self._contracts, market, self.options.seed, name)
+            self._contracts.append(contract)
+            self._by_key["id"][contract.id] = contract
+            self._by_key["name"][contract.name] = contract
+            self._market.add(contract, self.options.seed)
+            return contract
+
+        return self._on_loop(add)
+
+    async def _list_handler(self, request: web.Request) -> web.Response:
+        contract = self.list_contract(
+            request.query.get("market", "IMEFutures"), request.query.get("name")
+        )
+        return web.json_response({"contractId": contract.id, "contractName": contract.name})
+
+    def _check(
+        self, request: web.Request, endpoint: Endpoint | None
+    ) -> tuple[str | None, float | None]:
+        """Why this request is refused (None when accepted), and the token's expiry.
+
+        ``endpoint`` None checks the token only (the REST endpoints)."""
         header = request.headers.get("Authorization", "").strip()
         scheme, _, rest = header.partition(" ")
         bearer = scheme.lower() == "bearer" and bool(rest.strip())
@@ -359,6 +406,8 @@ class Simulator:
             exp = self._tokens[token]
             if exp <= time.time():
                 return "expired token", None
+        if endpoint is None:
+            return None, exp
         idents = request.query.getall("contract_id" if endpoint == "id" else "contract_name", [])
         if not idents:
             return "no contract", exp
