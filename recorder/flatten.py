@@ -214,7 +214,11 @@ def flatten_message(message: Any, naive_tz: tzinfo = UTC) -> Flattened:
             raise FlattenError(f"data.{name}: {_show(section)} is not an object")
         table, fields, known = plan
         if table == "best_limit":
-            rows[table] = _levels(section, fields, known, extras)
+            levels = _levels(section, fields, known, extras)
+            if levels:
+                rows[table] = levels
+            elif not section:
+                extras.append((name, None, "{}"))  # an empty book is kept, so it replays
             continue
         row, unknown = _row(section, fields, known, f"data.{name}")
         rows[table] = [row]

@@ -300,7 +300,7 @@ def test_partial_best_limit_gives_only_the_levels_sent(
 
     flat = flatten(encode(message(data=data(BestLimit=best_limit))))
 
-    assert flat.rows["best_limit"] == expected
+    assert flat.rows.get("best_limit", []) == expected
     assert flat.extras == []
 
 
@@ -509,7 +509,7 @@ def test_huge_numeric_level_key_is_not_a_crash() -> None:
 
     flat = flatten(encode(frame))
 
-    assert flat.rows["best_limit"] == []
+    assert flat.rows.get("best_limit", []) == []
     assert flat.extras == [("BestLimit", key, '{"buy_price":1}')]
 
 
@@ -785,3 +785,15 @@ def test_to_message_inverts_flatten(case: tuple[dict[str, Any], tzinfo, datetime
     assert rebuilt[flat.id_key] == str(frame[flat.id_key])
     assert flat.exchange_us == instant_us
     assert (datetime.fromisoformat(rebuilt["timestamp"]) - EPOCH) // ONE_US == instant_us
+
+
+def test_empty_best_limit_round_trips() -> None:
+    """BestLimit sent as {} gives no level row but comes back as {} from to_message."""
+    frame = message(data=data(BestLimit={}))
+    flat = flatten(encode(frame))
+    assert "best_limit" not in flat.rows
+    assert flat.extras == [("BestLimit", None, "{}")]
+    rebuilt = to_message(
+        flat.contract, flat.exchange_us, flat.rows, flat.extras, id_key=flat.id_key
+    )
+    assert rebuilt == frame
