@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: all install run test lint format bench clean
+.PHONY: all install run test lint format bench clean promtool
 
 all: lint test
 
@@ -26,10 +26,25 @@ run: install
 test: install
 	$(BIN)/pytest
 
-lint: install
+# promtool (checks configs/alerts.yml) is not on PyPI: take the binary out of Debian's
+# prometheus package, without installing the package (no service, no dependencies)
+$(BIN)/promtool: | $(STAMP)
+	@command -v apt-get >/dev/null || { echo "promtool: needs apt-get (Debian); install promtool into $(BIN)"; exit 1; }
+	set -e; tmp=$$(mktemp -d); chmod 755 $$tmp; \
+	(cd $$tmp && { apt-get download prometheus >/dev/null 2>&1 || { apt-get update -qq && apt-get download prometheus; }; }); \
+	dpkg-deb --fsys-tarfile $$tmp/prometheus_*.deb | tar -xO ./usr/bin/promtool >$$tmp/promtool; \
+	install -m 755 $$tmp/promtool $@; rm -rf $$tmp
+	$@ --version | head -1
+
+promtool: $(BIN)/promtool
+
+lint: install $(BIN)/promtool
 	$(BIN)/ruff check recorder tests
 	$(BIN)/ruff format --check recorder tests
 	$(BIN)/mypy
+	$(BIN)/hadolint Dockerfile
+	$(BIN)/promtool check rules configs/alerts.yml
+	$(BIN)/promtool test rules configs/alerts.test.yml
 
 format: install
 	$(BIN)/ruff check --fix recorder tests

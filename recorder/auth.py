@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ssl
 import time
 from typing import Any
 
@@ -38,6 +39,17 @@ def jwt_expiry(token: str) -> float | None:
     except (IndexError, ValueError, orjson.JSONDecodeError):
         return None
     return float(exp) if isinstance(exp, int | float) else None
+
+
+def ssl_context(config: AuthConfig) -> ssl.SSLContext:
+    """TLS for the login and the streams: the system's CAs, plus ``auth.ca_bundle`` if set.
+
+    Certificate and host name checks stay on; the bundle only adds trust (a private CA).
+    """
+    context = ssl.create_default_context()
+    if config.ca_bundle:
+        context.load_verify_locations(cafile=config.ca_bundle)
+    return context
 
 
 def _detail(body: Any) -> str:

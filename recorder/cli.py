@@ -182,3 +182,177 @@ def verify(data_dir: str) -> None:
         + ("OK" if result.ok else f"{len(result.problems)} problem(s)")
     )
     sys.exit(0 if result.ok else 1)
+
+
+@main.command()
+@click.option("--data-dir", default="data", show_default=True, type=click.Path(file_okay=False))
+@click.option("--start", default=None, help="First instant replayed (ISO 8601; naive is UTC).")
+@click.option("--end", default=None, help="Replay up to this instant, excluded (ISO 8601).")
+@click.option("--speed", type=float, default=None, help="Recorded pace times this [default: 1].")
+@click.option("--as-fast-as-possible", "flat_out", is_flag=True, help="As fast as clients read.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8765, show_default=True, type=int)
+@click.option("--username", default=None, help="Issue tokens only to this user (and --password).")
+@click.option("--password", default=None, help="The only password accepted (with --username).")
+@click.option("--header-scheme", type=click.Choice(["any", "raw", "bearer"]), default="any")
+@click.option(
+    "--refuse-with", type=click.Choice(["403", "1008"]), default="1008", show_default=True
+)
+@click.option("--partition-timezone", default=None, help="The store's storage.partition_timezone.")
+def replay(
+    data_dir: str,
+    start: str | None,
+    end: str | None,
+    speed: float | None,
+    flat_out: bool,
+    host: str,
+    port: int,
+    username: str | None,
+    password: str | None,
+    header_scheme: str,
+    refuse_with: str,
+    partition_timezone: str | None,
+) -> None:
+    """Serve recorded history over the live feed's protocol (token endpoint and both streams)."""
+    from recorder.replay import ReplayOptions, run_replay
+    from recorder.storesql import to_utc
+
+    if not Path(data_dir).is_dir():
+        _fail(f"--data-dir: no such directory: {data_dir}")
+    if flat_out and speed is not None:
+        _fail("--speed and --as-fast-as-possible exclude each other")
+    try:
+        options = ReplayOptions(
+            data_dir=Path(data_dir),
+            start=None if start is None else to_utc(start),
+            end=None if end is None else to_utc(end),
+            speed=None if flat_out else (1.0 if speed is None else speed),
+            host=host,
+            port=port,
+            username=username,
+            password=password,
+            header_scheme=header_scheme,  # type: ignore[arg-type]
+            refuse_with=refuse_with,  # type: ignore[arg-type]
+            partition_timezone=partition_timezone,
+        )
+    except ValueError as exc:
+        _fail(str(exc))
+        return
+    logs.configure("info", "auto")
+    run_replay(options)
+
+
+# --------------------------------------------------------------------------- compaction, export
+
+_TIMEZONE_HELP = "storage.partition_timezone of the recording (which dates have closed)."
+
+
+def _zone(name: str) -> Any:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        _fail(f"--timezone: unknown time zone {name!r}")
+
+
+def _existing_dir(data_dir: str) -> Path:
+    if not Path(data_dir).is_dir():
+        _fail(f"--data-dir: no such directory: {data_dir}")
+    return Path(data_dir)
+
+
+@main.command()
+@click.option("--data-dir", default="data", show_default=True, type=click.Path(file_okay=False))
+@click.option(
+    "--date", "dates", multiple=True, help="Only this date, YYYY-MM-DD (repeatable); any date."
+)
+@click.option("--timezone", default="Asia/Tehran", show_default=True, help=_TIMEZONE_HELP)
+def compact(data_dir: str, dates: tuple[str, ...], timezone: str) -> None:
+    """Rewrite each partition of every closed date as one sorted file (safe while recording)."""
+    from datetime import date
+
+    from recorder.compaction import compact as run_compaction
+
+    root, zone = _existing_dir(data_dir), _zone(timezone)
+    try:
+        days = [date.fromisoformat(d) for d in dates] or None
+    except ValueError as exc:
+        _fail(f"--date: {exc}")
+        return
+    logs.configure("info", "auto")
+    result = run_compaction(root, zone, days=days)
+    for problem in result.problems:
+        click.echo(f"PROBLEM: {problem}", err=True)
+    click.echo(
+        f"compacted {result.compacted} partition(s): {result.files_before:,} files, "
+        f"{result.bytes_before:,} -> {result.bytes_after:,} bytes, {result.rows:,} rows; "
+        f"{result.skipped} already compacted"
+    )
+    sys.exit(0 if result.ok else 1)
+
+
+@main.command()
+@click.option("--data-dir", default="data", show_default=True, type=click.Path(file_okay=False))
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Database file to write [default: DATA_DIR/catalog.duckdb].",
+)
+def catalog(data_dir: str, output: str | None) -> None:
+    """Write a DuckDB database file with every view (open it with the DuckDB CLI, any client)."""
+    from recorder.export import write_catalog
+
+    root = _existing_dir(data_dir)
+    written = write_catalog(root, Path(output) if output else root / "catalog.duckdb")
+    click.echo(f"wrote {written}")
+
+
+@main.command()
+@click.option("--data-dir", default="data", show_default=True, type=click.Path(file_okay=False))
+@click.option("--table", required=True, help="best_limit, aggregate, ... (any table).")
+@click.option("--contracts", default=None, help="Comma-separated contracts [default: all].")
+@click.option("--start", default=None, help="YYYY-MM-DD or ISO 8601 instant; inclusive.")
+@click.option("--end", default=None, help="YYYY-MM-DD (inclusive) or instant (exclusive).")
+@click.option("--format", "fmt", type=click.Choice(["csv", "parquet"]), required=True)
+@click.option("--output", required=True, type=click.Path(dir_okay=False))
+@click.option("--timezone", default="Asia/Tehran", show_default=True, help=_TIMEZONE_HELP)
+def export(
+    data_dir: str,
+    table: str,
+    contracts: str | None,
+    start: str | None,
+    end: str | None,
+    fmt: str,
+    output: str,
+    timezone: str,
+) -> None:
+    """Write a table's rows for some contracts and a date or time range to CSV or Parquet.
+
+    A naive instant is read in --timezone; only the partitions in range are read.
+    """
+    from recorder.export import Format, parse_bound
+    from recorder.export import export as run_export
+    from recorder.schema import TABLES
+
+    root, zone = _existing_dir(data_dir), _zone(timezone)
+    if table not in TABLES:
+        _fail(f"--table: unknown table {table!r} (one of {', '.join(TABLES)})")
+    try:
+        low = parse_bound(start, zone) if start else None
+        high = parse_bound(end, zone) if end else None
+    except ValueError as exc:
+        _fail(f"--start/--end: {exc}")
+        return
+    chosen = [c.strip() for c in contracts.split(",") if c.strip()] if contracts else None
+    if chosen and all(c.name != "contract" for c in TABLES[table].columns):
+        _fail(f"--contracts: table {table} has no contract column")
+    logs.configure("info", "auto")
+    try:
+        kind: Format = "csv" if fmt == "csv" else "parquet"
+        rows = run_export(root, table, Path(output), kind, contracts=chosen, start=low, end=high)
+    except duckdb.Error as exc:
+        _fail(f"export failed: {exc}", code=1)
+        return
+    click.echo(f"wrote {rows:,} rows to {output}")

@@ -72,6 +72,11 @@ class JournalConfig(_Section, frozen=True):
     retention_days: float = 0.0  # 0: remove segments once in Parquet; else keep them compressed
 
 
+class CompactionConfig(_Section, frozen=True):
+    enabled: bool = True  # the daemon compacts every date once it has closed
+    after_seconds: float = 900.0  # after local midnight in storage.partition_timezone
+
+
 class LogConfig(_Section, frozen=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -88,6 +93,7 @@ class Config(_Section, frozen=True):
     auth: AuthConfig = AuthConfig()
     storage: StorageConfig = StorageConfig()
     journal: JournalConfig = JournalConfig()
+    compaction: CompactionConfig = CompactionConfig()
     log: LogConfig = LogConfig()
     metrics: MetricsConfig = MetricsConfig()
 
@@ -203,6 +209,8 @@ def _check(config: Config) -> None:
     stable = feed.stable_after_seconds
     if not 0 <= stable < math.inf:
         raise ConfigError(f"feed.stable_after_seconds: must be 0 or more, got {stable}")
+    if not 0 <= config.compaction.after_seconds < math.inf:
+        raise ConfigError("compaction.after_seconds: must be 0 or more")
     if not 0 <= config.journal.retention_days < math.inf:
         raise ConfigError("journal.retention_days: must be 0 or more")
     if not 1 <= storage.compression_level <= 22:
@@ -217,12 +225,12 @@ def _check_ca_bundle(path: str) -> None:
     """``auth.ca_bundle`` must be a readable PEM file holding at least one certificate."""
     try:
         ssl.create_default_context().load_verify_locations(cafile=path)
+    except ssl.SSLError:  # before OSError, of which it is a subclass
+        raise ConfigError(f"auth.ca_bundle: {path} holds no PEM certificate") from None
     except FileNotFoundError:
         raise ConfigError(f"auth.ca_bundle: file not found: {path}") from None
     except OSError as exc:
         raise ConfigError(f"auth.ca_bundle: cannot read {path} ({exc.strerror})") from None
-    except ssl.SSLError:
-        raise ConfigError(f"auth.ca_bundle: {path} holds no PEM certificate") from None
 
 
 def _check_zone(key: str, name: str) -> None:

@@ -18,10 +18,12 @@ from dataclasses import dataclass, field
 import aiohttp
 import structlog
 
-from recorder.auth import TokenProvider
+from recorder.auth import TokenProvider, ssl_context
+from recorder.compaction import AutoCompaction
 from recorder.config import Config, Credentials
-from recorder.errors import AllRefusedError, AuthError
+from recorder.errors import AllRefusedError, AuthError, TransientError
 from recorder.feed import FeedConnection, split_contracts
+from recorder.metrics import InstrumentedPipeline, MetricsServer
 from recorder.pipeline import Pipeline
 from recorder.recovery import recover
 
@@ -38,6 +40,7 @@ class Recorder:
     pipeline: Pipeline
     connections: list[FeedConnection] = field(default_factory=list)
     started_at: float = field(default_factory=time.time)
+    metrics: MetricsServer | None = None
 
 
 async def record(
@@ -51,7 +54,8 @@ async def record(
     Raises AuthError when the login is refused (the caller exits with code 2).
     """
     run_id = f"{int(time.time()):x}{secrets.token_hex(2)}"
-    pipeline = Pipeline(
+    tls = ssl_context(config.auth)  # checks on; auth.ca_bundle adds a CA
+    pipeline = InstrumentedPipeline(
         config.data_dir,
         config.storage,
         config.partition_tz,
@@ -62,9 +66,19 @@ async def record(
     recorder = Recorder(config, pipeline)
     recover(pipeline)
     pipeline.start()
-    connector = aiohttp.TCPConnector(limit=0)
+    # metrics, /healthz and /readyz (503 until every stream is open): see recorder.metrics
+    metrics = recorder.metrics = MetricsServer(recorder, config.metrics, stop)
+    await metrics.start()
+    connector = aiohttp.TCPConnector(limit=0, ssl=tls)
+    trace = pipeline.meter.trace_config(config.auth.token_url)
+    # each date is compacted once it has closed: see recorder.compaction
+    compaction = AutoCompaction(
+        config.data_dir, config.partition_tz, config.compaction.after_seconds
+    )
     try:
-        async with aiohttp.ClientSession(connector=connector) as session:
+        if config.compaction.enabled:
+            compaction.start()
+        async with aiohttp.ClientSession(connector=connector, trace_configs=[trace]) as session:
             tokens = TokenProvider(session, config.auth, credentials)
             await tokens.token()  # a refused login stops start-up here, before any stream
             groups = split_contracts(
@@ -95,15 +109,19 @@ async def record(
                     await started
             await _run_connections(recorder.connections, stop)
     finally:
-        flushed = await pipeline.close()
-        log.info(
-            "stopped",
-            frames=pipeline.stats.frames,
-            quarantined=pipeline.stats.quarantined,
-            rows_written=dict(pipeline.stats.rows_written),
-            files_written=pipeline.stats.files_written,
-            flushed=flushed,
-        )
+        try:
+            await compaction.close()
+            flushed = await pipeline.close()
+            log.info(
+                "stopped",
+                frames=pipeline.stats.frames,
+                quarantined=pipeline.stats.quarantined,
+                rows_written=dict(pipeline.stats.rows_written),
+                files_written=pipeline.stats.files_written,
+                flushed=flushed,
+            )
+        finally:
+            await metrics.close()
 
 
 async def _supervise(connection: FeedConnection, stop: asyncio.Event) -> None:
@@ -177,5 +195,17 @@ async def _main(config: Config, credentials: Credentials) -> None:
 
 
 def run(config: Config, credentials: Credentials) -> None:
-    """Run the daemon in this process until a stop signal (AuthError: the login was refused)."""
-    asyncio.run(_main(config, credentials))
+    """Run the daemon in this process until a stop signal (AuthError: the login was refused).
+
+    Any other failure is logged as one event and exits with code 1.
+    """
+    try:
+        asyncio.run(_main(config, credentials))
+    except (AuthError, AllRefusedError):
+        raise
+    except TransientError as exc:  # e.g. the token endpoint cannot be reached at start-up
+        log.error("cannot start", error=str(exc))
+        raise SystemExit(EXIT_ERROR) from None
+    except Exception:
+        log.exception("failed unexpectedly")
+        raise SystemExit(EXIT_ERROR) from None

@@ -258,6 +258,13 @@ class Journal:
             self.written_seq = chunk[-1].seq
             self._written.notify_all()
 
+    def recovered_up_to(self, seq: int) -> None:
+        """Records up to ``seq`` were found on disk at start: they count as written."""
+        with self._written:
+            self.written_seq = max(self.written_seq, seq)
+            self.durable_seq = max(self.durable_seq, seq)
+            self._written.notify_all()
+
     def wait_written(self, seq: int, timeout: float) -> bool:
         """Block (not on the event loop) until ``seq`` is in the journal file; False on timeout.
 

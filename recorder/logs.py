@@ -1,4 +1,10 @@
-"""Logging: structlog JSON lines (console rendering on a terminal), with secrets scrubbed."""
+"""Logging: structlog JSON lines (console rendering on a terminal), with secrets scrubbed.
+
+Every line is one event with ``event``, ``level`` and ``timestamp`` (UTC, ISO 8601), plus the
+fields of the call (``connection``, ``contract``/``contracts``, ``session`` where they apply).
+Records of the standard ``logging`` module (aiohttp's, asyncio's) go through the same
+processors, so a container's log holds nothing but JSON lines.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ import structlog
 _SECRETS: set[str] = set()
 _SECRET_KEYS = frozenset(("password", "token", "authorization", "jwt"))
 MASK = "***"
+_OURS = "_ime_recorder_handler"  # marks the root handler configure() installed
 
 
 def register_secrets(values: Iterable[str]) -> None:
@@ -50,16 +57,33 @@ def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> Non
         if console
         else structlog.processors.JSONRenderer()
     )
+    numeric_level = logging.getLevelName(level.upper())
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            _scrub_event,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        processors=[*shared, structlog.processors.format_exc_info, _scrub_event, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                _scrub_event,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, _OURS, False)]:
+        root.removeHandler(old)
+    setattr(handler, _OURS, True)
+    root.addHandler(handler)
+    root.setLevel(numeric_level)

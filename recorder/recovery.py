@@ -107,6 +107,7 @@ def recover(pipeline: Pipeline) -> Recovered:
     finally:
         pipeline.replaying(None)
     pipeline.seq_above(highest)
+    journal.recovered_up_to(highest)
     for session, opened in sessions.open.items():
         pipeline.reopen_for_close(session, opened)
         pipeline.session_closed(session, last_alive, None, "crash", int(opened["frames"]), False)

@@ -466,27 +466,7 @@ class Simulator:
 
     @staticmethod
     async def _converse(conn: _Connection) -> None:
-        """Read until the client closes, or close on request with a full close handshake.
-
-        Reading answers pings (autoping) and the client's close (autoclose); client text is
-        ignored, there is no dynamic subscribe yet. Our close runs here, not beside a pending
-        `receive()`: aiohttp would then drop the TCP connection without awaiting the reply.
-        """
-        ends = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
-        while not conn.ws.closed:
-            receiving = asyncio.ensure_future(conn.ws.receive())
-            try:
-                await asyncio.wait(
-                    (receiving, conn.close_request), return_when=asyncio.FIRST_COMPLETED
-                )
-            finally:
-                receiving.cancel()
-                await asyncio.wait([receiving])
-            if not receiving.cancelled() and receiving.result().type in ends:
-                return
-            if conn.close_request.done():
-                code, reason = conn.close_request.result()
-                await conn.ws.close(code=code, message=reason.encode())
+        await converse(conn.ws, conn.close_request)
 
     # ---- senders ---------------------------------------------------------------------------
 
@@ -575,3 +555,28 @@ class Simulator:
             return web.json_response({"detail": "start the simulator with keep_sent"}, status=404)
         lines = [orjson.dumps(f, option=orjson.OPT_APPEND_NEWLINE) for f in self._sent]
         return web.Response(body=b"".join(lines), content_type="application/x-ndjson")
+
+
+async def converse(
+    ws: web.WebSocketResponse, close_request: asyncio.Future[tuple[int, str]]
+) -> None:
+    """Read until the client closes, or close on request with a full close handshake.
+
+    Reading answers pings (autoping) and the client's close (autoclose); client text is
+    ignored, there is no dynamic subscribe yet. Our close runs here, not beside a pending
+    `receive()`: aiohttp would then drop the TCP connection without awaiting the reply.
+    Shared by the simulator and the replay server (recorder/replay.py).
+    """
+    ends = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
+    while not ws.closed:
+        receiving = asyncio.ensure_future(ws.receive())
+        try:
+            await asyncio.wait((receiving, close_request), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            receiving.cancel()
+            await asyncio.wait([receiving])
+        if not receiving.cancelled() and receiving.result().type in ends:
+            return
+        if close_request.done():
+            code, reason = close_request.result()
+            await ws.close(code=code, message=reason.encode())

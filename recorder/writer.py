@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from recorder.buffer import Batch
+from recorder.buffer import Batch, Key
 from recorder.errors import StorageError
 from recorder.paths import file_name, partition_dir
 from recorder.schema import TABLES, Table
@@ -25,6 +27,25 @@ class WrittenFile:
     path: Path
     rows: int
     bytes: int
+
+
+@contextlib.contextmanager
+def partition_lock(data_dir: Path, key: Key) -> Iterator[None]:
+    """Hold the lock that orders file writes into partition ``key`` with its compaction swap.
+
+    An exclusive ``flock`` on the folder holding the partition folder (``{table}/date=D`` or
+    ``{table}``), which is never renamed or removed, so no lock file is needed; it works across
+    processes and between threads (each holder opens its own descriptor). Closing releases it,
+    and so does the death of its process.
+    """
+    folder = data_dir / partition_dir(*key)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def to_arrow(table: Table, rows: list[tuple[object, ...]]) -> pa.Table:
@@ -63,26 +84,28 @@ class ParquetWriter:
         path = self.path_for(batch)
         tmp = path.with_name(f".{path.name}.tmp")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
             arrow = to_arrow(table, batch.rows)
-            pq.write_table(
-                arrow,
-                tmp,
-                compression="zstd",
-                compression_level=self.compression_level,
-                use_dictionary=True,
-                write_statistics=True,
-                row_group_size=128 * 1024,
-            )
-            if self.fsync:
-                fd = os.open(tmp, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            os.replace(tmp, path)
-            if self.fsync:
-                fsync_dir(path.parent)
+            # the compactor swaps partition folders under this lock (recorder.compaction)
+            with partition_lock(self.data_dir, batch.key):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                pq.write_table(
+                    arrow,
+                    tmp,
+                    compression="zstd",
+                    compression_level=self.compression_level,
+                    use_dictionary=True,
+                    write_statistics=True,
+                    row_group_size=128 * 1024,
+                )
+                if self.fsync:
+                    fd = os.open(tmp, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                os.replace(tmp, path)
+                if self.fsync:
+                    fsync_dir(path.parent)
             return WrittenFile(table.name, path, len(batch.rows), path.stat().st_size)
         except (OSError, pa.ArrowException) as exc:
             with contextlib.suppress(OSError):

@@ -11,7 +11,15 @@ from typing import Any
 
 import pytest
 
-from recorder.config import AuthConfig, Config, Credentials, FeedConfig, Secret, StorageConfig
+from recorder.config import (
+    AuthConfig,
+    Config,
+    Credentials,
+    FeedConfig,
+    MetricsConfig,
+    Secret,
+    StorageConfig,
+)
 from recorder.daemon import Recorder, record
 from recorder.simrunner import SimulatorThread
 from recorder.simulator import SimulatorOptions
@@ -64,6 +72,7 @@ def make_config(
             **(feed or {}),
         ),
         auth=AuthConfig(token_url=sim.token_url),
+        metrics=MetricsConfig(port=0),  # any free port: tests run side by side
         storage=StorageConfig(
             **{
                 "data_dir": str(data_dir),

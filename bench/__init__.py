@@ -1,0 +1,1 @@
+"""The benchmark suite of ime-recorder (``make bench``; see bench/README.md)."""

@@ -1,0 +1,232 @@
+"""Compaction runs: ``ime-recorder compact``, and the daemon's compaction of each closed date.
+
+:class:`recorder.compactor.Compactor` rewrites one partition; a run picks the partitions
+(those of the closed dates, or of the dates asked for), removes what a crashed run left,
+skips partitions already compacted (so a second run changes nothing) and shows progress.
+One run at a time per data directory (a lock file in ``_state``).
+
+The daemon runs a pass at start-up (catching up on the dates that closed while it was down)
+and then ``compaction.after_seconds`` after each local midnight of ``partition_timezone``.
+Each pass looks at every closed date, so late rows that reached a date after its compaction
+(a snapshot re-sent with an old timestamp, a journal replay) are folded in by the next pass.
+The work runs in a thread and stops between two partitions when the daemon stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time, timedelta, tzinfo
+from pathlib import Path
+
+import pyarrow as pa
+import structlog
+
+from recorder.compactor import Compactor, Outcome, Partition, visible_files
+from recorder.progress import progress
+from recorder.state import STATE_DIR
+
+log = structlog.get_logger("recorder.compaction")
+
+
+@dataclass
+class Result:
+    """What a compaction run did."""
+
+    compacted: int = 0
+    skipped: int = 0  # partitions already one compacted file
+    files_before: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+    rows: int = 0
+    leftovers_removed: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+class CompactionBusy(RuntimeError):
+    """Another process is compacting this data directory."""
+
+
+def closed_dates_end(now: datetime, tz: tzinfo, after_seconds: float = 0.0) -> date:
+    """The first date that is not closed: dates before it ended ``after_seconds`` ago or more."""
+    return (now - timedelta(seconds=after_seconds)).astimezone(tz).date()
+
+
+@contextmanager
+def run_lock(data_dir: Path, wait: bool) -> Iterator[None]:
+    """One compaction at a time per data directory (``CompactionBusy`` when ``wait`` is False)."""
+    path = data_dir / STATE_DIR / "compaction.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                raise CompactionBusy(f"another compaction is running in {data_dir}") from None
+            log.info("another compaction is running; waiting for it", data_dir=str(data_dir))
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def compact(
+    data_dir: Path,
+    tz: tzinfo,
+    *,
+    days: Iterable[date] | None = None,
+    now: datetime | None = None,
+    after_seconds: float = 0.0,
+    bar: bool | None = None,
+    wait: bool = True,
+    stop: threading.Event | None = None,
+    compactor: Compactor | None = None,
+) -> Result:
+    """Compact the partitions of ``days`` (None: every date closed ``after_seconds`` ago).
+
+    Partitions already holding one compacted file are skipped, so a second run changes
+    nothing. Raises CompactionBusy when another run holds the data directory and ``wait`` is
+    False.
+    """
+    compactor = compactor or Compactor(data_dir)
+    wanted = None if days is None else set(days)
+    end = closed_dates_end(now or datetime.now(UTC), tz, after_seconds)
+
+    def chosen(day: date) -> bool:
+        return day < end if wanted is None else day in wanted
+
+    result = Result()
+    with run_lock(compactor.data_dir, wait):
+        result.leftovers_removed = compactor.remove_leftovers()
+        todo = []
+        for found in compactor.partitions(chosen):
+            partition = compactor.remove_covered(found) if len(found.files) > 1 else found
+            if partition.compacted or not partition.files:
+                result.skipped += 1
+            else:
+                todo.append(partition)
+        if not todo:
+            return result
+        with progress(len(todo), "compacting", unit="partitions", bar=bar) as advance:
+            for partition in todo:
+                if stop is not None and stop.is_set():
+                    break
+                _compact_one(compactor, partition, result)
+                advance(1)
+    log.info(
+        "compaction finished",
+        partitions=result.compacted,
+        skipped=result.skipped,
+        files_before=result.files_before,
+        bytes_before=result.bytes_before,
+        bytes_after=result.bytes_after,
+        rows=result.rows,
+        problems=len(result.problems),
+    )
+    return result
+
+
+def _compact_one(compactor: Compactor, partition: Partition, result: Result) -> None:
+    where = str(partition.folder.relative_to(compactor.data_dir))
+    for _ in range(3):  # a flush landing during each attempt three times in a row is unlikely
+        before = sum((partition.folder / n).stat().st_size for n in partition.files)
+        try:
+            outcome, rows, size = compactor.compact(partition)
+        except (OSError, pa.ArrowException) as exc:
+            result.problems.append(f"{where}: {exc}")
+            log.error("cannot compact a partition; left as it was", partition=where, error=str(exc))
+            return
+        if outcome is Outcome.COMPACTED:
+            result.compacted += 1
+            result.files_before += len(partition.files)
+            result.bytes_before += before
+            result.bytes_after += size
+            result.rows += rows
+            return
+        if outcome is Outcome.UNSAFE:
+            result.problems.append(f"{where}: foreign, overlapping or unknown-column files")
+            log.warning(
+                "partition left alone: foreign or overlapping files, or a column the schema "
+                "does not know (run ime-recorder verify)",
+                partition=where,
+            )
+            return
+        partition = Partition(partition.key, partition.folder, visible_files(partition.folder))
+    log.info("partition keeps receiving flushes; compacted next time", partition=where)
+
+
+# ------------------------------------------------------------------ the daemon's schedule
+
+
+def wall_clock() -> datetime:
+    """Now, in UTC (tests replace it with the simulator's exchange clock)."""
+    return datetime.now(UTC)
+
+
+def next_pass(now: datetime, tz: tzinfo, after_seconds: float) -> datetime:
+    """When the next date closes: the next local midnight in ``tz``, plus ``after_seconds``."""
+    shifted = (now - timedelta(seconds=after_seconds)).astimezone(tz)
+    midnight = datetime.combine(shifted.date() + timedelta(days=1), time(0), tzinfo=tz)
+    return midnight.astimezone(UTC) + timedelta(seconds=after_seconds)
+
+
+class AutoCompaction:
+    """A background task of the daemon; :meth:`close` stops it after the partition in hand."""
+
+    def __init__(self, data_dir: Path, tz: tzinfo, after_seconds: float) -> None:
+        self.data_dir = data_dir
+        self.tz = tz
+        self.after_seconds = after_seconds
+        self.passes = 0
+        self._stop = asyncio.Event()
+        self._halt = threading.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="compaction")
+
+    async def close(self) -> None:
+        self._stop.set()
+        self._halt.set()
+        if self._task is not None:
+            await self._task
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            await asyncio.to_thread(self._pass)
+            self.passes += 1
+            deadline = next_pass(wall_clock(), self.tz, self.after_seconds)
+            while not self._stop.is_set():
+                remaining = (deadline - wall_clock()).total_seconds()
+                if remaining <= 0:
+                    break
+                # re-read the clock at least once a minute (suspend, clock steps)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), min(remaining, 60.0))
+
+    def _pass(self) -> None:
+        try:
+            compact(
+                self.data_dir,
+                self.tz,
+                now=wall_clock(),
+                after_seconds=self.after_seconds,
+                bar=False,
+                wait=False,
+                stop=self._halt,
+            )
+        except CompactionBusy:
+            log.info("another process is compacting; this pass is skipped")
+        except Exception:  # a bug here must not stop the recording
+            log.exception("compaction pass failed; the recording goes on")

@@ -1,0 +1,408 @@
+"""Compaction on real recordings: one sorted file per partition, the same rows, crash-safe."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import msgspec
+import pyarrow.parquet as pq
+import pytest
+
+import recorder
+from recorder.accounting import verify
+from recorder.buffer import Batch, Key
+from recorder.compaction import closed_dates_end, compact, next_pass
+from recorder.compactor import Compactor, exchange
+from recorder.config import CompactionConfig, load_config
+from recorder.errors import ConfigError
+from recorder.paths import seq_range
+from recorder.schema import TABLES
+from recorder.simrunner import SimulatorThread
+from recorder.simulator import SimulatorOptions
+from recorder.writer import ParquetWriter
+from tests.conftest import make_config, record_until, wait_for
+from tests.test_daemon import RECORDER
+
+TEHRAN = ZoneInfo("Asia/Tehran")
+#: 2025-03-02 00:00 in Tehran; the multi-day store starts six hours before it
+MIDNIGHT = datetime(2025, 3, 1, 20, 30, tzinfo=UTC)
+FUTURE = datetime(2100, 1, 1, tzinfo=UTC)  # a "now" at which every recorded date is closed
+DAY1, DAY2 = date(2025, 3, 1), date(2025, 3, 2)
+
+
+def record_multiday(data_dir: Path) -> None:
+    """Record three dates from a simulator whose clock runs 40,000 times faster, flushing often."""
+    options = SimulatorOptions(
+        contracts=3,
+        rate=250,
+        seed=5,
+        malformed=0.02,
+        unknown_sections=0.03,
+        start_time=MIDNIGHT - timedelta(hours=6),
+        time_scale=40_000,
+    )
+    with SimulatorThread(options) as sim:
+        config = make_config(sim, data_dir, storage={"flush_interval_seconds": 0.05})
+        config = msgspec.structs.replace(config, compaction=CompactionConfig(enabled=False))
+        record_until(config, lambda r: len(dates(data_dir)) >= 3 and r.pipeline.stats.frames >= 600)
+
+
+def dates(data_dir: Path) -> list[str]:
+    root = data_dir / "aggregate"
+    return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+
+
+def read_checksums(con: Any, where: str = "") -> dict[str, tuple[int, int]]:
+    """Per table: rows, and the sum of a hash of every column of every row (one query)."""
+    union = " UNION ALL ".join(
+        f"SELECT '{name}', count(*), sum(hash({', '.join(c.name for c in table.columns)})) "
+        f"FROM {name} {where}"
+        for name, table in TABLES.items()
+    )
+    return {name: (int(n), int(h or 0)) for name, n, h in con.execute(union).fetchall()}
+
+
+def checksums(data_dir: Path) -> dict[str, tuple[int, int]]:
+    return read_checksums(recorder.connect(data_dir))
+
+
+def partitions(data_dir: Path) -> dict[Path, list[str]]:
+    """Every partition folder (relative) and the Parquet files visible in it."""
+    found: dict[Path, list[str]] = {}
+    for table in TABLES.values():
+        pattern = "date=*/contract=*" if table.by_contract else "date=*"
+        for folder in sorted((data_dir / table.name).glob(pattern)):
+            names = sorted(p.name for p in folder.iterdir() if p.name.endswith(".parquet"))
+            found[folder.relative_to(data_dir)] = names
+    return found
+
+
+def high_water(files: dict[Path, list[str]]) -> dict[Path, int]:
+    """The highest seq named in each partition's files: what crash recovery goes by."""
+    return {p: max(_last_seq(n) for n in names) for p, names in files.items() if names}
+
+
+def _last_seq(name: str) -> int:
+    span = seq_range(name)
+    assert span is not None, name
+    return span[1]
+
+
+def compacted(names: list[str]) -> bool:
+    """True when a partition holds exactly one compacted file."""
+    return len(names) == 1 and names[0].endswith(".c.parquet")
+
+
+def assert_no_leftovers(data_dir: Path) -> None:
+    assert not (data_dir / "_state" / "compaction").exists()
+    assert not [p for p in data_dir.glob("*/date=*/**/*") if p.name.endswith(".tmp")]
+
+
+@pytest.fixture(scope="module")
+def multiday(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A pristine multi-day store, recorded once per module; tests compact copies of it."""
+    data_dir = tmp_path_factory.mktemp("multiday") / "data"
+    record_multiday(data_dir)
+    return data_dir
+
+
+@pytest.fixture
+def store(multiday: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "data"
+    shutil.copytree(multiday, copy)
+    return copy
+
+
+def test_every_partition_becomes_one_sorted_file_with_the_same_rows(store: Path) -> None:
+    """Several dates and contracts: one file per partition, same counts and checksums, sorted."""
+    before_files = partitions(store)
+    before = checksums(store)
+    assert len(dates(store)) >= 3
+    assert sum(len(n) for n in before_files.values()) > 4 * len(before_files)
+    assert before["quarantine"][0] > 0
+    assert before["extras"][0] > 0
+
+    result = compact(store, TEHRAN, now=FUTURE, bar=False)
+
+    after_files = partitions(store)
+    assert after_files.keys() == before_files.keys()
+    for folder, names in after_files.items():
+        old = [seq_range(n) for n in before_files[folder]]
+        first, last = min(s[0] for s in old if s), max(s[1] for s in old if s)
+        assert names == [f"{first:020d}-{last:020d}.c.parquet"], folder
+    assert result.ok
+    assert result.compacted == len(before_files)
+    assert result.files_before == sum(len(n) for n in before_files.values())
+    assert result.rows == sum(rows for rows, _ in before.values())
+    assert checksums(store) == before
+    assert high_water(after_files) == high_water(before_files)
+    assert_no_leftovers(store)
+    assert verify(store).ok
+
+    for folder, (name,) in after_files.items():
+        table = TABLES[folder.parts[0]]
+        keys = ["exchange_ts", "seq"] if table.by_contract else ["seq"]
+        rows = pq.ParquetFile(store / folder / name).read(columns=keys).to_pylist()
+        ordered = [tuple(r[k] for k in keys) for r in rows]
+        assert ordered == sorted(ordered), folder
+    sample = next(f for f in after_files if f.parts[0] == "aggregate")
+    column = pq.ParquetFile(store / sample / after_files[sample][0]).metadata.row_group(0)
+    seq = next(
+        column.column(i)
+        for i in range(column.num_columns)
+        if column.column(i).path_in_schema == "seq"
+    )
+    assert seq.compression == "ZSTD"
+    assert "DELTA_BINARY_PACKED" in seq.encodings
+    assert seq.statistics is not None
+    assert seq.statistics.has_min_max
+
+    inodes = {p: p.stat().st_ino for p in store.glob("*/date=*/**/*.parquet")}
+    again = compact(store, TEHRAN, now=FUTURE, bar=False)
+    assert (again.compacted, again.skipped) == (0, len(before_files))
+    assert {p: p.stat().st_ino for p in store.glob("*/date=*/**/*.parquet")} == inodes
+
+
+@pytest.mark.parametrize(
+    ("now", "after_seconds", "first_open"),
+    [
+        (MIDNIGHT - timedelta(seconds=1), 0, date(2025, 3, 1)),
+        (MIDNIGHT, 0, date(2025, 3, 2)),
+        (MIDNIGHT + timedelta(seconds=899), 900, date(2025, 3, 1)),
+        (MIDNIGHT + timedelta(seconds=900), 900, date(2025, 3, 2)),
+    ],
+)
+def test_a_date_closes_at_local_midnight_plus_the_delay(
+    now: datetime, after_seconds: float, first_open: date
+) -> None:
+    """Tehran midnight is 20:30 UTC; a date counts as closed after_seconds after it."""
+    assert closed_dates_end(now, TEHRAN, after_seconds) == first_open
+
+
+@pytest.mark.parametrize(
+    ("now", "expected"),
+    [
+        (MIDNIGHT - timedelta(hours=3), MIDNIGHT + timedelta(seconds=900)),
+        (MIDNIGHT + timedelta(seconds=899), MIDNIGHT + timedelta(seconds=900)),
+        (MIDNIGHT + timedelta(seconds=900), MIDNIGHT + timedelta(days=1, seconds=900)),
+    ],
+)
+def test_the_daemon_passes_after_each_local_midnight(now: datetime, expected: datetime) -> None:
+    """The next automatic pass is the next Tehran midnight plus after_seconds."""
+    assert next_pass(now, TEHRAN, 900) == expected
+
+
+def test_cli_compacts_closed_dates_only_or_the_date_asked_for(store: Path) -> None:
+    """By default today's partitions stay as they are; --date compacts that date alone."""
+    before = partitions(store)
+    today = datetime.now(TEHRAN).date().isoformat()
+    assert any(f"date={today}" in str(p) for p in before)  # session_log and quarantine
+
+    picked = subprocess.run(
+        [RECORDER, "compact", "--data-dir", str(store), "--date", DAY2.isoformat()],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert picked.returncode == 0, picked.stderr
+    assert picked.stdout.startswith("compacted ")
+    for folder, names in partitions(store).items():
+        if f"date={DAY2}" in str(folder):
+            assert compacted(names), folder
+        else:
+            assert names == before[folder], folder
+
+    closed = subprocess.run(
+        [RECORDER, "compact", "--data-dir", str(store)], capture_output=True, text=True, check=False
+    )
+    assert closed.returncode == 0, closed.stderr
+    for folder, names in partitions(store).items():
+        if f"date={today}" in str(folder):
+            assert names == before[folder], folder
+        else:
+            assert compacted(names), folder
+
+
+class Crash(BaseException):
+    """An injected crash: no handler of the compactor catches it, as with a real kill."""
+
+
+def crash_at(step: str, nth: int) -> Callable[[str, Key], None]:
+    seen: Counter[str] = Counter()
+
+    def hook(name: str, key: Key) -> None:
+        seen[name] += 1
+        if name == step and seen[name] == nth:
+            raise Crash(f"{step} #{nth}")
+
+    return hook
+
+
+def refuse(a: Path, b: Path) -> bool:
+    """A file system without RENAME_EXCHANGE (the compactor falls back to two steps)."""
+    return False
+
+
+EXCHANGE_STEPS = ["staged", "verified", "locked", "exchanged", "cleaned"]
+FALLBACK_STEPS = ["staged", "verified", "locked", "linked", "unlinked", "cleaned"]
+
+
+@pytest.mark.parametrize(
+    ("atomic", "step"),
+    [(True, s) for s in EXCHANGE_STEPS] + [(False, s) for s in FALLBACK_STEPS],
+)
+def test_a_crash_at_any_step_of_the_swap_then_a_rerun_gives_the_same_store(
+    store: Path, atomic: bool, step: str
+) -> None:
+    """Crashed mid-swap: the store holds every row once (but for the fallback's window), a
+    rerun finishes the job, and no staging folder or covered file is left."""
+    before = checksums(store)
+    before_water = high_water(partitions(store))
+    crashing = Compactor(store, on_step=crash_at(step, 3), swap=exchange if atomic else refuse)
+    with pytest.raises(Crash):
+        compact(store, TEHRAN, days=[DAY1], bar=False, compactor=crashing)
+
+    assert high_water(partitions(store)) == before_water  # recovery's rule holds mid-crash
+    if atomic or step != "linked":
+        assert checksums(store) == before
+    result = compact(store, TEHRAN, days=[DAY1], bar=False)
+    assert result.ok
+    assert checksums(store) == before
+    for folder, names in partitions(store).items():
+        if f"date={DAY1}" in str(folder):
+            assert compacted(names), folder
+    assert_no_leftovers(store)
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_compact_command_then_a_rerun_gives_the_same_store(store: Path) -> None:
+    """kill -9 of `ime-recorder compact` at three random instants mid-run, then a full run."""
+    before, water = checksums(store), high_water(partitions(store))
+    rng = random.Random(4)
+    staging = store / "_state" / "compaction"
+    command = [RECORDER, "compact", "--data-dir", str(store), "--timezone", "Asia/Tehran"]
+    killed_mid_run = 0
+    for _ in range(3):
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda p=proc: staging.exists() or p.poll() is not None, what="a first swap")
+        time.sleep(rng.uniform(0.0, 0.3))  # the random instant of the kill, not a wait
+        killed_mid_run += proc.poll() is None
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert high_water(partitions(store)) == water
+        assert checksums(store) == before
+    assert killed_mid_run >= 2
+    final = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert final.returncode == 0, final.stderr
+    assert checksums(store) == before
+    today = datetime.now(TEHRAN).date().isoformat()
+    for folder, names in partitions(store).items():
+        if f"date={today}" not in str(folder):
+            assert compacted(names), folder
+    assert_no_leftovers(store)
+
+
+def test_queries_during_compaction_never_see_a_row_twice_or_miss_one(store: Path) -> None:
+    """Reads just before and after each swap, and a reader looping in a thread, see one result."""
+    day = f"WHERE date = DATE '{DAY1}'"
+
+    def read(con: Any) -> dict[str, tuple[int, int]]:
+        return read_checksums(con, day)
+
+    step_con = recorder.connect(store)
+    expected = read(step_con)
+    stepped: list[dict[str, tuple[int, int]]] = []
+
+    def read_now(step: str, key: Key) -> None:
+        if step in ("locked", "exchanged"):  # just before and just after the swap
+            stepped.append(read(step_con))
+
+    stop = threading.Event()
+    looped: list[dict[str, tuple[int, int]]] = []
+    failures: list[str] = []
+
+    def loop() -> None:
+        con = recorder.connect(store)
+        while not stop.is_set():
+            try:
+                looped.append(read(con))
+            except Exception as exc:  # a file that vanished between glob and open
+                failures.append(str(exc))
+
+    reader = threading.Thread(target=loop)
+    reader.start()
+    try:
+        compactor = Compactor(store, on_step=read_now)
+        result = compact(store, TEHRAN, days=[DAY1], bar=False, compactor=compactor)
+    finally:
+        stop.set()
+        reader.join()
+    assert result.compacted >= 10
+    assert len(stepped) == 2 * result.compacted
+    assert all(r == expected for r in stepped)
+    assert looped, failures[:3]
+    assert all(r == expected for r in looped)
+
+
+def test_foreign_and_overlapping_files_are_left_alone(tmp_path: Path) -> None:
+    """A partition with a file not named by seq, or two overlapping files, is not touched."""
+    writer = ParquetWriter(tmp_path, fsync=False)
+    noon = 1_700_000_000_000_000
+    values = {"exchange_ts": noon, "received_at": noon, "open_interest": 10}
+    names = [c.name for c in TABLES["contract_info"].file_columns]
+    rows = [tuple({**values, "seq": seq}.get(n) for n in names) for seq in (1, 2, 3)]
+    foreign = writer.write(Batch(("contract_info", "2024-01-01", "1001"), rows[:1])).path
+    shutil.copy(foreign, foreign.with_name("mine.parquet"))
+    writer.write(Batch(("contract_info", "2024-01-02", "1001"), rows[:2]))
+    writer.write(Batch(("contract_info", "2024-01-02", "1001"), rows[1:]))
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.glob("contract_info/*/*/*.parquet")}
+
+    result = compact(tmp_path, TEHRAN, now=FUTURE, bar=False)
+
+    assert result.compacted == 0
+    assert len(result.problems) == 2
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("contract_info/*/*/*.parquet")} == before
+
+
+def test_a_fallback_crash_on_a_single_file_partition_is_repaired(tmp_path: Path) -> None:
+    """One plain file and its compacted copy of the same seq range: the rerun keeps one."""
+    writer = ParquetWriter(tmp_path, fsync=False)
+    noon = 1_700_000_000_000_000
+    names = [c.name for c in TABLES["contract_info"].file_columns]
+    values = {"exchange_ts": noon, "received_at": noon, "seq": 5, "open_interest": 3}
+    writer.write(
+        Batch(("contract_info", "2024-01-01", "1001"), [tuple(values.get(n) for n in names)])
+    )
+    before = checksums(tmp_path)
+    crashing = Compactor(tmp_path, on_step=crash_at("linked", 1), swap=refuse)
+    with pytest.raises(Crash):
+        compact(tmp_path, TEHRAN, now=FUTURE, bar=False, compactor=crashing)
+    folder = Path("contract_info/date=2024-01-01/contract=1001")
+    assert [_last_seq(n) for n in partitions(tmp_path)[folder]] == [5, 5]
+
+    assert compact(tmp_path, TEHRAN, now=FUTURE, bar=False).ok
+    assert partitions(tmp_path)[folder] == [f"{5:020d}-{5:020d}.c.parquet"]
+    assert checksums(tmp_path) == before
+
+
+def test_compaction_keys_are_configurable_from_the_environment() -> None:
+    """compaction.enabled and after_seconds come from the file or IME_RECORDER_COMPACTION__*."""
+    environ = {
+        "IME_RECORDER_FEED__CONTRACTS": "1001",
+        "IME_RECORDER_COMPACTION__ENABLED": "false",
+        "IME_RECORDER_COMPACTION__AFTER_SECONDS": "60",
+    }
+    assert load_config(None, environ).compaction == CompactionConfig(False, 60.0)
+    with pytest.raises(ConfigError, match=r"compaction\.after_seconds"):
+        load_config(None, {**environ, "IME_RECORDER_COMPACTION__AFTER_SECONDS": "-1"})
