@@ -23,7 +23,12 @@ from recorder.schema import DATA_TABLES, TABLES
 #: the tables whose rows make a frame "stored"
 STORED_TABLES = (*DATA_TABLES, "extras")
 #: what makes a row unique within a table, besides seq
-_ROW_KEYS = {"best_limit": ["level"], "extras": ["section", "level"], "rejections": ["contract"]}
+_ROW_KEYS = {
+    "best_limit": ["level"],
+    "extras": ["section", "level"],
+    "rejections": ["contract"],
+    "reference": ["contract_id"],
+}
 
 
 def _stored_seqs_sql(extra: str = "") -> str:

@@ -46,7 +46,7 @@ def run(config_path: str | None) -> None:
     logs.configure(config.log.level, config.log.format)
     try:
         run_daemon(config, credentials)
-    except (AuthError, AllRefusedError) as exc:
+    except (AuthError, AllRefusedError, ConfigError) as exc:
         _fail(str(exc), code=EXIT_CONFIG)
 
 

@@ -21,11 +21,15 @@ import structlog
 from recorder.auth import TokenProvider, ssl_context
 from recorder.compaction import AutoCompaction
 from recorder.config import Config, Credentials
-from recorder.errors import AllRefusedError, AuthError, TransientError
-from recorder.feed import FeedConnection, split_contracts
+from recorder.discovery import Discovery
+from recorder.errors import AllRefusedError, AuthError, ConfigError, TransientError
+from recorder.feed import FeedConnection
 from recorder.metrics import InstrumentedPipeline, MetricsServer
 from recorder.pipeline import Pipeline
 from recorder.recovery import recover
+from recorder.rest import RestClient, rest_base
+from recorder.snapshots import SnapshotTaker
+from recorder.subscriptions import Subscriptions
 
 log = structlog.get_logger("recorder.daemon")
 
@@ -38,9 +42,14 @@ class Recorder:
 
     config: Config
     pipeline: Pipeline
-    connections: list[FeedConnection] = field(default_factory=list)
+    subscriptions: Subscriptions | None = None
     started_at: float = field(default_factory=time.time)
     metrics: MetricsServer | None = None
+
+    @property
+    def connections(self) -> list[FeedConnection]:
+        """The live feed connections (they change when discovery changes the universe)."""
+        return self.subscriptions.connections if self.subscriptions is not None else []
 
 
 async def record(
@@ -81,33 +90,50 @@ async def record(
         async with aiohttp.ClientSession(connector=connector, trace_configs=[trace]) as session:
             tokens = TokenProvider(session, config.auth, credentials)
             await tokens.token()  # a refused login stops start-up here, before any stream
-            groups = split_contracts(
-                config.feed.contracts, config.feed.max_contracts_per_connection
+            rest = RestClient(session, rest_base(config.feed.base_url), tokens)
+            # a snapshot of each session's contracts when it opens: see recorder.snapshots
+            events = SnapshotTaker(
+                pipeline,
+                rest if config.feed.snapshot_on_connect else None,
+                config.feed.subscribe_by,
             )
-            recorder.connections = [
-                FeedConnection(
-                    f"{run_id}-{i}",
+
+            def connection(
+                index: str, group: tuple[str, ...], own_stop: asyncio.Event
+            ) -> FeedConnection:
+                return FeedConnection(
+                    f"{run_id}-{index}",
                     group,
                     config.feed,
                     session,
                     tokens,
                     pipeline.on_frame,
-                    stop,
-                    events=pipeline,
+                    own_stop,
+                    events=events,
                 )
-                for i, group in enumerate(groups)
-            ]
+
+            subscriptions = recorder.subscriptions = Subscriptions(
+                connection, config.feed.max_contracts_per_connection, stop, pipeline.overlap
+            )
+            discovery = Discovery(rest, config, pipeline, subscriptions, stop)
+            await subscriptions.update(await discovery.first())
             log.info(
                 "recording",
-                contracts=len(config.feed.contracts),
-                connections=len(groups),
+                contracts=len(subscriptions.contracts),
+                connections=len(subscriptions.connections),
                 data_dir=str(config.data_dir),
             )
             if on_start is not None:
                 started = on_start(recorder)
                 if started is not None:
                     await started
-            await _run_connections(recorder.connections, stop)
+            refresher = asyncio.create_task(discovery.run(), name="discovery")
+            try:
+                await subscriptions.run()
+            finally:
+                refresher.cancel()
+                await asyncio.gather(refresher, return_exceptions=True)
+                await events.close()
     finally:
         try:
             await compaction.close()
@@ -122,52 +148,6 @@ async def record(
             )
         finally:
             await metrics.close()
-
-
-async def _supervise(connection: FeedConnection, stop: asyncio.Event) -> None:
-    """Run one connection; a bug in it restarts it instead of stopping the others."""
-    while not stop.is_set():
-        try:
-            await connection.run()
-            return
-        except (AllRefusedError, AuthError):
-            raise
-        except Exception:
-            log.exception(
-                "connection failed unexpectedly; restarting it", connection=connection.name
-            )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 5.0)
-
-
-async def _run_connections(connections: list[FeedConnection], stop: asyncio.Event) -> None:
-    """Run every connection until stopped.
-
-    A connection whose every contract is refused ends alone; when all of them end so, or a
-    login is refused, AllRefusedError / AuthError is raised after the others are stopped.
-    """
-    pending = {asyncio.create_task(_supervise(c, stop), name=c.name) for c in connections}
-    refused: list[AllRefusedError] = []
-    fatal: BaseException | None = None
-    try:
-        while pending:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                error = task.exception()
-                if isinstance(error, AllRefusedError):
-                    log.error("every contract of a connection refused", error=str(error))
-                    refused.append(error)
-                elif error is not None and fatal is None:
-                    fatal = error
-                    stop.set()
-            if len(refused) == len(connections):
-                raise refused[0]
-        if fatal is not None:
-            raise fatal
-    finally:
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
 
 
 def install_stop_signals(stop: asyncio.Event) -> None:
@@ -201,7 +181,7 @@ def run(config: Config, credentials: Credentials) -> None:
     """
     try:
         asyncio.run(_main(config, credentials))
-    except (AuthError, AllRefusedError):
+    except (AuthError, AllRefusedError, ConfigError):
         raise
     except TransientError as exc:  # e.g. the token endpoint cannot be reached at start-up
         log.error("cannot start", error=str(exc))

@@ -103,7 +103,7 @@ class RestEndpoints:
         refusal = self.sim.token_refusal(request)
         if refusal is None:
             return None
-        self.sim.count_refusal(f"rest: {refusal}")
+        self.sim.count_refusal(refusal)
         return web.json_response({"detail": refusal}, status=401)
 
     def _today(self) -> date:
@@ -121,7 +121,9 @@ class RestEndpoints:
         found = [
             static_info(c, today)
             for c in self.sim.contracts
-            if c.market == market and fragment.casefold() in c.name.casefold()
+            if c.market == market
+            and fragment.casefold() in c.name.casefold()
+            and c.id not in self.sim.delisted
         ]
         return web.json_response({"Data": found, "Status": _status()})
 

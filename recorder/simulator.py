@@ -161,6 +161,8 @@ class Simulator:
         self._sent: list[SentFrame] = []
         self._sent_by_conn: dict[int, int] = {}
         self._refusals: Counter[str] = Counter()
+        self._rest_refusals: Counter[str] = Counter()
+        self.delisted: set[str] = set()
         self._closes: Counter[int] = Counter()
         self._accepted = self._logins_failed = 0
         self._rate = opts.rate
@@ -248,6 +250,7 @@ class Simulator:
                 "tokens_revoked": len(self._revoked),
                 "logins_failed": self._logins_failed,
                 "refusals": dict(self._refusals),
+                "rest_refusals": dict(self._rest_refusals),
                 "server_closes": {str(k): v for k, v in self._closes.items()},
             }
 
@@ -351,7 +354,8 @@ class Simulator:
         return refusal
 
     def count_refusal(self, reason: str) -> None:
-        self._refusals[reason] += 1
+        """A REST request refused (kept apart from the streams' refusals)."""
+        self._rest_refusals[reason] += 1
 
     def exchange_now(self) -> datetime:
         return exchange_clock_now(self._clock)
@@ -375,6 +379,10 @@ class Simulator:
             return contract
 
         return self._on_loop(add)
+
+    def delist(self, contract_id: str) -> None:
+        """Stop listing a contract in searches (it expired); its streams go on."""
+        self._on_loop(lambda: self.delisted.add(contract_id))
 
     async def _list_handler(self, request: web.Request) -> web.Response:
         contract = self.list_contract(

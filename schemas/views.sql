@@ -245,3 +245,10 @@ LEFT JOIN b ON b.contract = last.contract AND b.seq = last.seq
 LEFT JOIN a ON a.contract = last.contract AND a.seq = last.seq
 LEFT JOIN p ON p.contract = last.contract AND p.seq = last.seq
 LEFT JOIN c ON c.contract = last.contract AND c.seq = last.seq;
+
+-- Reference data: one row per contract per date it was seen (the last fetch of that date).
+-- Maps names to ids, gives a contract's multiplier (csize) for PnL, lists what expires soon.
+CREATE OR REPLACE VIEW contracts AS
+SELECT * EXCLUDE (received_at, seq)
+FROM reference
+QUALIFY row_number() OVER (PARTITION BY contract_id, contract_name, date ORDER BY seq DESC) = 1;

@@ -68,8 +68,7 @@ def make_config(
             base_url=sim.base_url,
             subscribe_by=subscribe_by,  # type: ignore[arg-type]
             contracts=tuple(contracts),
-            reconnect_max_seconds=0.5,
-            **(feed or {}),
+            **{"reconnect_max_seconds": 0.5, "snapshot_on_connect": False, **(feed or {})},
         ),
         auth=AuthConfig(token_url=sim.token_url),
         metrics=MetricsConfig(port=0),  # any free port: tests run side by side

@@ -24,6 +24,7 @@ def write_config(
     contracts: list[str],
     extra: str = "",
     flush_interval: float = 0.5,
+    snapshots: bool = False,
 ) -> Path:
     """A TOML config for ``sim`` written the way a user writes one."""
     quoted = ", ".join(f'"{c}"' for c in contracts)
@@ -34,6 +35,7 @@ base_url = "{sim.base_url}"
 subscribe_by = "id"
 contracts = [{quoted}]
 reconnect_max_seconds = 0.5
+snapshot_on_connect = {str(snapshots).lower()}
 [auth]
 token_url = "{sim.token_url}"
 header_scheme = "raw"
