@@ -199,6 +199,7 @@ def verify(data_dir: str) -> None:
     "--refuse-with", type=click.Choice(["403", "1008"]), default="1008", show_default=True
 )
 @click.option("--partition-timezone", default=None, help="The store's storage.partition_timezone.")
+@click.option("--no-snapshots", is_flag=True, help="Leave out the snapshots taken at each connect.")
 def replay(
     data_dir: str,
     start: str | None,
@@ -212,6 +213,7 @@ def replay(
     header_scheme: str,
     refuse_with: str,
     partition_timezone: str | None,
+    no_snapshots: bool,
 ) -> None:
     """Serve recorded history over the live feed's protocol (token endpoint and both streams)."""
     from recorder.replay import ReplayOptions, run_replay
@@ -234,6 +236,7 @@ def replay(
             header_scheme=header_scheme,  # type: ignore[arg-type]
             refuse_with=refuse_with,  # type: ignore[arg-type]
             partition_timezone=partition_timezone,
+            snapshots=not no_snapshots,
         )
     except ValueError as exc:
         _fail(str(exc))

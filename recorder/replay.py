@@ -69,6 +69,7 @@ class ReplayOptions:
     partition_timezone: str | None = None  # of the store (see Store); None: any
     close_timeout: float = 5.0
     chunk: int = 512  # messages read from the store at a time, off the event loop
+    snapshots: bool = True  # replay the snapshots taken at each connect as ordinary messages
 
     def __post_init__(self) -> None:
         if self.speed is not None and not self.speed > 0:
@@ -212,7 +213,9 @@ class ReplayServer:
     ) -> None:
         """Send the history of ``contracts`` at the recorded pace, then return (idle stream)."""
         opts = self.options
-        messages = self.store.replay_timed(contracts, opts.start, opts.end, id_key=id_key)
+        messages = self.store.replay_timed(
+            contracts, opts.start, opts.end, id_key=id_key, snapshots=opts.snapshots
+        )
         chunks = _chunks(messages, opts.chunk)
         loop = asyncio.get_running_loop()
         origin: tuple[int, float] | None = None  # (first exchange_us, loop time it was sent)

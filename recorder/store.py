@@ -347,7 +347,7 @@ class Store:
         end: TimeLike | None = None,
         *,
         id_key: str | None = None,
-        snapshots: bool = False,
+        snapshots: bool = True,
     ) -> Iterator[dict[str, Any]]:
         """The recorded messages in ``(exchange_ts, seq)`` order, each in its wire shape.
 
@@ -358,8 +358,9 @@ class Store:
         floats. ``id_key`` (``contractId``, ``ContractId`` or ``contractName``) names the
         identifier; by default it is ``contractName`` for contracts recorded only through
         the name endpoint and ``contractId`` otherwise. Messages the recorder fetched as
-        live-overview snapshots (``source = 'snapshot'``) never came on a stream and are left
-        out unless ``snapshots``. Rows are streamed, not loaded whole.
+        live-overview snapshots at each connect (``source = 'snapshot'``) are replayed as
+        ordinary messages at their time; ``snapshots=False`` leaves them out (only what came
+        on a stream). Rows are streamed, not loaded whole.
         """
         for _, message in self.replay_timed(
             contracts, start, end, id_key=id_key, snapshots=snapshots
@@ -373,7 +374,7 @@ class Store:
         end: TimeLike | None = None,
         *,
         id_key: str | None = None,
-        snapshots: bool = False,
+        snapshots: bool = True,
     ) -> Generator[tuple[int, dict[str, Any]]]:
         """:meth:`replay` with each message's ``exchange_ts`` in microseconds since the epoch."""
         chosen = _contract_list(contracts)

@@ -117,7 +117,7 @@ def frames(
     con: duckdb.DuckDBPyConnection,
     start: TimeLike | None,
     end: TimeLike | None,
-    snapshots: bool = False,
+    snapshots: bool = True,
 ) -> Iterator[Part]:
     """One table's rows grouped per message, in ``(exchange_ts, seq)`` order (streamed)."""
     table = TABLES[name]

@@ -223,3 +223,37 @@ def test_every_contract_has_a_snapshot_after_a_reconnect(simulator: Any, tmp_pat
         [second_open],
     ).fetchall()
     assert after == [(c.id, 1) for c in sim.contracts]
+
+
+def test_replay_keeps_snapshots_unless_asked_otherwise(simulator: Any, tmp_path: Path) -> None:
+    """Store.replay gives snapshots as ordinary messages; snapshots=False gives the stream only."""
+    sim = simulator(contracts=3, rate=0, max_messages=30, keep_sent=True)
+    config = make_config(sim, tmp_path, feed={"snapshot_on_connect": True})
+    record_until(
+        config, lambda r: r.pipeline.stats.frames == 30 and r.pipeline.stats.snapshots == 3
+    )
+    store = recorder.Store(tmp_path)
+    everything = list(store.replay())
+    stream_only = list(store.replay(snapshots=False))
+    assert len(everything) == 33
+    assert len(stream_only) == 30
+    sent = sorted(orjson.loads(f.text)["timestamp"] for f in sim.sent)
+    assert sorted(m["timestamp"] for m in stream_only) == sent
+
+
+def test_readme_contracts_query_runs(simulator: Any, tmp_path: Path) -> None:
+    """The README's aggregate-contracts join runs and, without its expiry filter, finds rows."""
+    import re
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    sql = next(b for b in re.findall(r"```sql\n(.*?)```", readme, re.S) if "JOIN contracts" in b)
+    sim = simulator(contracts=6, rate=0, max_messages=60)
+    record_until(make_config(sim, tmp_path), lambda r: r.pipeline.stats.frames == 60)
+    con = recorder.connect(tmp_path)
+    con.execute(sql).fetchall()
+    unfiltered = sql.replace(
+        "AND c.expiration_date <", "AND c.expiration_date IS NOT NULL OR c.expiration_date <"
+    )
+    rows = con.execute(unfiltered).fetchall()
+    futures = {c.name for c in sim.contracts if c.market == "IMEFutures"}
+    assert {r[1] for r in rows} == futures
