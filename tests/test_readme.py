@@ -18,9 +18,9 @@ def test_readme_example_queries_return_rows(simulator: Any, tmp_path: Path) -> N
     record_until(make_config(sim, tmp_path), lambda r: r.pipeline.stats.frames == 60)
     con = recorder.connect(tmp_path)
     (day,) = con.execute("SELECT min(date) FROM aggregate").fetchone()
-    block = re.search(r"```sql\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
-    assert block is not None
-    statements = [s for s in block[1].split(";") if s.strip()]
+    blocks = re.findall(r"```sql\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
+    block = next(b for b in blocks if "-- 1." in b)
+    statements = [s for s in block.split(";") if s.strip()]
     assert len(statements) == 3
     for statement in statements:
         sql = statement.replace("DATE '2026-05-29'", f"DATE '{day.isoformat()}'")
