@@ -135,6 +135,8 @@ def test_counters_match_the_rows_stored(simulator: Any, tmp_path: Path) -> None:
                 return False
             samples = await endpoint.samples()
             rows, files = stored(tmp_path)
+            if rows.get("aggregate", 0) + rows.get("quarantine", 0) < 120:
+                return False  # a flush is still writing (its rows left the buffer already)
             seen.update(samples=samples, rows=rows, files=files)
             written = {
                 dict(labels)["table"]: v
