@@ -12,6 +12,8 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
+from functools import lru_cache
+from operator import contains
 from typing import Any
 
 import orjson
@@ -73,25 +75,41 @@ def _float(value: Any, path: str) -> float | None:
     raise FlattenError(f"{path}: {_show(value)} does not fit a number column")
 
 
-def _date(value: Any, path: str) -> date | None:
-    if value is None or value == "":
-        return None
-    if type(value) is str and _DATE.fullmatch(value):
+@lru_cache(maxsize=4096)
+def _parse_date(value: str) -> date | None:
+    """A YYYY-MM-DD text as a date (None when it is not one); memoised: dates repeat."""
+    if _DATE.fullmatch(value):
         try:
             return date.fromisoformat(value)
         except ValueError:
             pass
+    return None
+
+
+@lru_cache(maxsize=8192)
+def _parse_time(value: str) -> time | None:
+    """An HH:MM:SS[.ffffff] text as a time (None when it is not one); memoised."""
+    if _TIME.fullmatch(value):
+        try:
+            return time.fromisoformat(value)
+        except ValueError:
+            pass
+    return None
+
+
+def _date(value: Any, path: str) -> date | None:
+    if value is None or value == "":
+        return None
+    if type(value) is str and (parsed := _parse_date(value)) is not None:
+        return parsed
     raise FlattenError(f"{path}: {_show(value)} is not a YYYY-MM-DD date")
 
 
 def _time(value: Any, path: str) -> time | None:
     if value is None or value == "":
         return None
-    if type(value) is str and _TIME.fullmatch(value):
-        try:
-            return time.fromisoformat(value)
-        except ValueError:
-            pass
+    if type(value) is str and (parsed := _parse_time(value)) is not None:
+        return parsed
     raise FlattenError(f"{path}: {_show(value)} is not an HH:MM:SS time")
 
 
@@ -108,19 +126,41 @@ def _show(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _section_plan(columns: Iterable[Column]) -> tuple[tuple[str, Callable[[Any, str], Any]], ...]:
-    return tuple((c.field, _CONVERT[c.kind]) for c in columns if c.field is not None)
+_NUMBER_TYPES = frozenset((int, float))
+_PLAIN_TYPES = {"int": frozenset((int,)), "float": _NUMBER_TYPES, "date": None, "time": None}
 
 
-# (table, [(wire field, converter)], known field names), per section name
-_PLANS = {
-    section: (
-        table,
-        _section_plan(TABLES[table].wire_columns),
-        frozenset(c.field for c in TABLES[table].wire_columns if c.field is not None),
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """How one section becomes a row: the hot path checks plain types in C, and only a value
+    that is not plain (None, an integral float, a string, ...) takes the per-field path."""
+
+    table: str
+    fields: tuple[str, ...]
+    converters: tuple[Callable[[Any, str], Any], ...]
+    plain: tuple[frozenset[type], ...]  # types taken as they are, per field
+    ints: tuple[int, ...]  # positions of integer columns (range-checked)
+    floats: tuple[int, ...]  # positions of number columns (made floats)
+    always: tuple[int, ...]  # positions always converted (dates, times)
+    known: frozenset[str]
+
+
+def _section_plan(table: str) -> _Plan:
+    columns = [c for c in TABLES[table].wire_columns if c.field is not None]
+    kinds = [c.kind for c in columns]
+    return _Plan(
+        table=table,
+        fields=tuple(c.field for c in columns if c.field is not None),
+        converters=tuple(_CONVERT[k] for k in kinds),
+        plain=tuple(_PLAIN_TYPES[k] or frozenset((str,)) for k in kinds if k is not None),
+        ints=tuple(i for i, k in enumerate(kinds) if k == "int"),
+        floats=tuple(i for i, k in enumerate(kinds) if k == "float"),
+        always=tuple(i for i, k in enumerate(kinds) if k in ("date", "time")),
+        known=frozenset(c.field for c in columns if c.field is not None),
     )
-    for section, table in SECTION_TABLES.items()
-}
+
+
+_PLANS = {section: _section_plan(table) for section, table in SECTION_TABLES.items()}
 
 
 def _identifier(message: dict[str, Any]) -> tuple[str, str]:
@@ -158,14 +198,23 @@ def _dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
-def _row(
-    section: dict[str, Any],
-    plan: tuple[tuple[str, Callable[[Any, str], Any]], ...],
-    known: frozenset[str],
-    path: str,
-) -> tuple[Row, dict[str, Any] | None]:
-    get = section.get
-    row = tuple(convert(get(field), f"{path}.{field}") for field, convert in plan)
+def _row(section: dict[str, Any], plan: _Plan, path: str) -> tuple[Row, dict[str, Any] | None]:
+    values: list[Any] = list(map(section.get, plan.fields))
+    ints = [values[i] for i in plan.ints]
+    if all(map(contains, plan.plain, map(type, values))) and (
+        not ints or (max(ints) < _INT64 and min(ints) >= -_INT64)
+    ):
+        for i in plan.floats:
+            values[i] = float(values[i])
+        for i in plan.always:
+            values[i] = plan.converters[i](values[i], path + "." + plan.fields[i])
+        row = tuple(values)
+    else:  # the exact per-field checks, with an error that names the field
+        row = tuple(
+            convert(value, f"{path}.{field}")
+            for field, convert, value in zip(plan.fields, plan.converters, values, strict=True)
+        )
+    known = plan.known
     unknown = None
     if len(section) > len(known) or not known.issuperset(section):
         unknown = {k: v for k, v in section.items() if k not in known}
@@ -212,27 +261,22 @@ def flatten_message(message: Any, naive_tz: tzinfo = UTC) -> Flattened:
             continue
         if type(section) is not dict:
             raise FlattenError(f"data.{name}: {_show(section)} is not an object")
-        table, fields, known = plan
+        table = plan.table
         if table == "best_limit":
-            levels = _levels(section, fields, known, extras)
+            levels = _levels(section, plan, extras)
             if levels:
                 rows[table] = levels
             elif not section:
                 extras.append((name, None, "{}"))  # an empty book is kept, so it replays
             continue
-        row, unknown = _row(section, fields, known, f"data.{name}")
+        row, unknown = _row(section, plan, f"data.{name}")
         rows[table] = [row]
         if unknown:
             extras.append((name, None, _dumps(unknown)))
     return Flattened(contract, id_key, exchange_us, rows, extras)
 
 
-def _levels(
-    section: dict[str, Any],
-    fields: tuple[tuple[str, Callable[[Any, str], Any]], ...],
-    known: frozenset[str],
-    extras: list[Extra],
-) -> list[Row]:
+def _levels(section: dict[str, Any], plan: _Plan, extras: list[Extra]) -> list[Row]:
     rows = []
     for key, level in section.items():
         # only canonical level numbers ("1", not "01" nor 5000 digits) are levels
@@ -241,7 +285,7 @@ def _levels(
             continue
         if type(level) is not dict:
             raise FlattenError(f"data.BestLimit.{key}: {_show(level)} is not an object")
-        row, unknown = _row(level, fields, known, f"data.BestLimit.{key}")
+        row, unknown = _row(level, plan, f"data.BestLimit.{key}")
         rows.append((int(key), *row))
         if unknown:
             extras.append(("BestLimit", key, _dumps(unknown)))
