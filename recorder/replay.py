@@ -42,6 +42,7 @@ from recorder.simulator import (
     Simulator,
     SimulatorOptions,
     converse,
+    served_urls,
 )
 from recorder.store import Store
 
@@ -132,18 +133,14 @@ class ReplayServer:
             self._runner = None
 
     @property
-    def _host(self) -> str:
-        return "127.0.0.1" if self.options.host in ("0.0.0.0", "::", "") else self.options.host
-
-    @property
     def base_url(self) -> str:
         """WebSocket base, as ``feed.base_url`` wants it."""
-        return f"ws://{self._host}:{self.port}/data-engine/ime"
+        return served_urls(self.options.host, self.port)[0]
 
     @property
     def token_url(self) -> str:
         """The login endpoint, as ``auth.token_url`` wants it."""
-        return f"http://{self._host}:{self.port}{TOKEN_PATH}"
+        return served_urls(self.options.host, self.port)[1]
 
     # ---- HTTP handlers ---------------------------------------------------------------------
 

@@ -141,6 +141,13 @@ def _b64url(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
+def served_urls(host: str, port: int) -> tuple[str, str]:
+    """(``feed.base_url``, ``auth.token_url``) of a server bound to ``host``:``port``; the
+    recorder appends ``/live/data/websocket/contract/...`` to the first."""
+    reachable = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    return f"ws://{reachable}:{port}/data-engine/ime", f"http://{reachable}:{port}{TOKEN_PATH}"
+
+
 class Simulator:
     """The feed server on the caller's event loop; every public method is thread-safe."""
 
@@ -210,17 +217,14 @@ class Simulator:
             self._runner = None
 
     @property
-    def _host(self) -> str:
-        return "127.0.0.1" if self.options.host in ("0.0.0.0", "::", "") else self.options.host
-
-    @property
     def base_url(self) -> str:
-        """WebSocket base; the recorder appends `/live/data/websocket/contract/...`."""
-        return f"ws://{self._host}:{self.port}/data-engine/ime"
+        """WebSocket base, as ``feed.base_url`` wants it."""
+        return served_urls(self.options.host, self.port)[0]
 
     @property
     def token_url(self) -> str:
-        return f"http://{self._host}:{self.port}{TOKEN_PATH}"
+        """The login endpoint, as ``auth.token_url`` wants it."""
+        return served_urls(self.options.host, self.port)[1]
 
     @property
     def contracts(self) -> list[Contract]:
@@ -234,7 +238,8 @@ class Simulator:
     def stream_url(self, endpoint: Endpoint, identifiers: Sequence[str]) -> str:
         """Full stream URL with repeated `contract_id` / `contract_name` parameters."""
         key = "contract_id" if endpoint == "id" else "contract_name"
-        url = URL(f"ws://{self._host}:{self.port}" + STREAM_PATH.format(endpoint=endpoint))
+        root = URL(self.base_url)
+        url = root.with_path(STREAM_PATH.format(endpoint=endpoint))
         return str(url.with_query([(key, ident) for ident in identifiers]))
 
     def stats(self) -> dict[str, Any]:
