@@ -44,7 +44,7 @@ async def _pace(sim: Simulator, rate: float, stop: asyncio.Event) -> None:
         await asyncio.sleep(_PACE_TICK)
 
 
-async def _serve(args: argparse.Namespace) -> None:
+async def _serve(args: argparse.Namespace) -> dict[str, object]:
     options = SimulatorOptions(
         port=args.port,
         contracts=args.contracts,
@@ -76,8 +76,7 @@ async def _serve(args: argparse.Namespace) -> None:
         summary["frames_counted"] = len(sent)
         summary["raw_bytes"] = sum(len(f.text.encode()) for f in sent)
     await sim.stop()
-    if args.summary:
-        Path(args.summary).write_text(json.dumps(summary), encoding="utf-8")
+    return summary
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -94,7 +93,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--count-bytes", action="store_true", help="sum the frames' bytes")
     parser.add_argument("--summary", default=None, help="write the stats here at exit")
     args = parser.parse_args(argv)
-    asyncio.run(_serve(args))
+    summary = asyncio.run(_serve(args))
+    if args.summary:
+        Path(args.summary).write_text(json.dumps(summary), encoding="utf-8")
 
 
 if __name__ == "__main__":
