@@ -53,7 +53,7 @@ format: install
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build dist
 
-# the benchmark suite (bench/README.md): about 15 minutes on 2 cores; prints the results table
+# the benchmark suite (bench/README.md): about 10 minutes on 2 cores; prints the results table
 # and writes it to bench/results.md. BENCH_SCALE=0.1 make bench is a quick run (a tenth of the
 # messages and seconds); BENCH_KEEP=1 keeps the recordings and the store in bench/.work.
 BENCH_STAMP := $(VENV)/.bench-stamp

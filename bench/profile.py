@@ -34,6 +34,7 @@ from bench.common import (
     RECORDER,
     RecorderProcess,
     SimProcess,
+    cleanup,
     frames_done,
     free_port,
     fresh_dir,
@@ -118,6 +119,7 @@ def profile_recorder(messages: int, gil: bool) -> dict[str, Any]:
         sim.stop()
     result = summarise(raw)
     result["seconds"] = round(seconds, 1)
+    cleanup(work)
     return result
 
 
