@@ -95,7 +95,7 @@ class Journal:
         data_dir: Path,
         *,
         fsync: bool = True,
-        fsync_interval: float = 0.05,
+        fsync_interval: float = 0.02,
         write_interval: float = 0.005,
         segment_bytes: int = 64 * 1024 * 1024,
         retention_days: float = 0.0,
@@ -115,6 +115,7 @@ class Journal:
         self._pending: list[_Pending] = []
         self._closing = False
         self._release_below = 0
+        self._released_checked = 0  # the release mark the segments were last checked for
         self._file: int | None = None
         self._file_path: Path | None = None
         self._file_bytes = 0
@@ -204,7 +205,9 @@ class Journal:
                 if closing or now - last_sync >= self.fsync_interval:
                     self._sync()
                     last_sync = now
-                self._remove_released()
+                if self._release_below != self._released_checked:
+                    self._released_checked = self._release_below
+                    self._remove_released()
                 self.failing = False
             except OSError as exc:
                 self.failing = True
@@ -280,6 +283,7 @@ class Journal:
             os.close(self._file)
             self._file = None
         path = self.dir / f"{first_seq:020d}{_SUFFIX}"
+        self._released_checked = -1  # the segment before may now be removable
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self._file, self._file_path, self._file_bytes = fd, path, os.fstat(fd).st_size
         # each segment opens with the open sessions and their frame counts so far, so the
