@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from functools import lru_cache
 from operator import contains
-from typing import Any
+from typing import Annotated, Any, Literal, NamedTuple
 
+import msgspec
 import orjson
 
 from recorder.errors import FlattenError
@@ -40,8 +41,7 @@ Row = tuple[Any, ...]
 Extra = tuple[str | None, str | None, str]  # (section or ENVELOPE, BestLimit level key, JSON)
 
 
-@dataclass(frozen=True, slots=True)
-class Flattened:
+class Flattened(NamedTuple):
     """One message as rows: ``rows[table]`` holds the wire columns of that table's rows."""
 
     contract: str
@@ -290,6 +290,108 @@ def _levels(section: dict[str, Any], plan: _Plan, extras: list[Extra]) -> list[R
         if unknown:
             extras.append(("BestLimit", key, _dumps(unknown)))
     return rows
+
+
+# --------------------------------------------------------------------------- the fast path
+#
+# Nearly every frame is a plain update: one identifier, known sections, plain values. msgspec
+# decodes and checks such a frame in C against Structs built from the schema; whatever it
+# refuses (an unknown key, a wrong type, an integral float in an integer column, an empty
+# book, two identifier keys, ...) goes through :func:`flatten`, which alone decides what is
+# kept, put in extras or quarantined. So the fast path never changes a result, only its cost
+# (tests/test_flatten.py checks the two paths agree on generated frames).
+
+_FINITE = 1.7976931348623157e308
+_WIRE_TYPES: dict[str | None, Any] = {
+    "int": Annotated[int, msgspec.Meta(ge=-_INT64, le=_INT64 - 1)],
+    "float": Annotated[float, msgspec.Meta(ge=-_FINITE, le=_FINITE)],
+    "date": str,
+    "time": str,
+}
+_LEVEL_KEY = Annotated[str, msgspec.Meta(pattern=r"^[1-9][0-9]{0,8}\Z")]
+
+
+def _section_struct(table: str) -> type[msgspec.Struct]:
+    fields = [
+        (c.field, _WIRE_TYPES[c.kind] | None, None)
+        for c in TABLES[table].wire_columns
+        if c.field is not None
+    ]
+    return msgspec.defstruct(f"_{table}", fields, forbid_unknown_fields=True, gc=False)
+
+
+def _frame_struct() -> type[msgspec.Struct]:
+    sections: list[tuple[str, Any, Any]] = []
+    for section, table in SECTION_TABLES.items():
+        struct: Any = _section_struct(table)
+        if TABLES[table].levels:
+            struct = Annotated[dict[_LEVEL_KEY, struct], msgspec.Meta(min_length=1)]
+        sections.append((section, struct | msgspec.UnsetType, msgspec.UNSET))
+    data = msgspec.defstruct("_data", sections, forbid_unknown_fields=True, gc=False)
+    optional_id = str | msgspec.UnsetType
+    return msgspec.defstruct(
+        "_frame",
+        [
+            ("timestamp", str),
+            ("data", data),
+            ("channel", Literal["IME Stream"] | msgspec.UnsetType, msgspec.UNSET),
+            *((key, optional_id, msgspec.UNSET) for key in ID_KEYS),
+        ],
+        forbid_unknown_fields=True,
+        gc=False,
+    )
+
+
+_FAST_DECODER = msgspec.json.Decoder(_frame_struct())
+_astuple = msgspec.structs.astuple
+#: per section, in the order of the data Struct's fields: (section, table, has levels,
+#: positions of date/time values to convert)
+_FAST_SECTIONS = tuple(
+    (
+        section,
+        table,
+        TABLES[table].levels,
+        tuple(
+            (i, _CONVERT[c.kind])
+            for i, c in enumerate(c for c in TABLES[table].wire_columns if c.field is not None)
+            if c.kind in ("date", "time")
+        ),
+    )
+    for section, table in SECTION_TABLES.items()
+)
+
+
+def flatten_fast(frame: bytes | str, naive_tz: tzinfo = UTC) -> Flattened | None:
+    """:func:`flatten` for a plain frame, several times faster; None: use :func:`flatten`."""
+    try:
+        timestamp, data, _, *ids = _astuple(_FAST_DECODER.decode(frame))
+    except msgspec.DecodeError:
+        return None
+    found = [(key, value) for key, value in zip(ID_KEYS, ids) if value is not _UNSET]
+    if len(found) != 1 or not found[0][1]:
+        return None
+    id_key, contract = found[0]
+    rows: dict[str, list[Row]] = {}
+    try:
+        exchange_us = parse_timestamp(timestamp, naive_tz)
+        for (_, table, levels, convert), value in zip(_FAST_SECTIONS, _astuple(data)):
+            if value is _UNSET:
+                continue
+            if levels:
+                rows[table] = [(int(key), *_astuple(level)) for key, level in value.items()]
+            elif convert:
+                row = list(_astuple(value))
+                for i, converter in convert:
+                    row[i] = converter(row[i], table)
+                rows[table] = [tuple(row)]
+            else:
+                rows[table] = [_astuple(value)]
+    except FlattenError:
+        return None
+    return Flattened(contract, id_key, exchange_us, rows, [])
+
+
+_UNSET = msgspec.UNSET
 
 
 # --------------------------------------------------------------------------- the way back

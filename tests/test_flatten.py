@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from recorder.errors import FlattenError
-from recorder.flatten import ENVELOPE, Flattened, flatten, to_message
+from recorder.flatten import ENVELOPE, Flattened, flatten, flatten_fast, to_message
 from recorder.schema import SECTION_TABLES, TABLES
 
 TEHRAN = ZoneInfo("Asia/Tehran")
@@ -797,3 +797,118 @@ def test_empty_best_limit_round_trips() -> None:
         flat.contract, flat.exchange_us, flat.rows, flat.extras, id_key=flat.id_key
     )
     assert rebuilt == frame
+
+
+# --------------------------------------------------------------------------- the fast path
+
+
+def fast_agrees(frame: bytes | str, naive_tz: tzinfo = UTC) -> Flattened | None:
+    """flatten_fast's answer, checked against the full rules whenever it gives one."""
+    fast = flatten_fast(frame, naive_tz)
+    if fast is not None:
+        assert fast == flatten(frame, naive_tz)
+        assert list(map(type, fast)) == list(map(type, flatten(frame, naive_tz)))
+    return fast
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        pytest.param(message(), id="example"),
+        pytest.param({**message(contractId=...), "ContractId": "1001"}, id="ContractId"),
+        pytest.param({**message(contractId=...), "contractName": "GOLD-1"}, id="contractName"),
+        pytest.param(message(channel=...), id="no-channel"),
+        pytest.param(message(timestamp="2026-05-29T15:30:00.000000"), id="naive"),
+        pytest.param(message(timestamp="2026-05-29T15:30:00+03:30"), id="offset"),
+        pytest.param(message(data=data(BestLimit={"1": level()})), id="one-level"),
+        pytest.param(message(data=data(Aggregate=...)), id="no-aggregate"),
+        pytest.param(message(data={}), id="no-sections"),
+        pytest.param(message(data=data(BestLimit={"1": level(buy_price=None)})), id="null"),
+        pytest.param(message(data=data(BestLimit={"1": {"buy_price": 5}})), id="missing"),
+        pytest.param(
+            message(data=data(Aggregate={**EXAMPLE["data"]["Aggregate"], "date": ""})),
+            id="empty-date",
+        ),
+    ],
+)
+def test_plain_frames_take_the_fast_path_with_the_same_rows(frame: dict[str, Any]) -> None:
+    """The frames the feed sends every day are flattened by the fast path, row for row."""
+    assert fast_agrees(encode(frame), TEHRAN) is not None
+    assert fast_agrees(encode(frame).decode(), TEHRAN) is not None
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        pytest.param(message(data=data(BestLimit={"1": level(buy_quantity=150.0)})), id="150.0"),
+        pytest.param(message(data=data(BestLimit={"1": level(x=1)})), id="unknown-field"),
+        pytest.param(message(data=data(Other={"a": 1})), id="unknown-section"),
+        pytest.param(message(extra=1), id="unknown-key"),
+        pytest.param(message(channel="Other"), id="other-channel"),
+        pytest.param(message(ContractId="1002"), id="two-identifiers"),
+        pytest.param(message(contractId=""), id="empty-identifier"),
+        pytest.param(message(contractId=1001), id="integer-identifier"),
+        pytest.param(message(data=data(BestLimit={})), id="empty-book"),
+        pytest.param(message(data=data(BestLimit={"01": level()})), id="level-01"),
+        pytest.param(message(data=data(Aggregate=None)), id="null-section"),
+        pytest.param(message(timestamp="yesterday"), id="bad-timestamp"),
+        pytest.param(message(timestamp="1960-01-01T00:00:00Z"), id="before-1970"),
+        pytest.param(message(data=data(BestLimit={"1": level(buy_quantity=2**63)})), id="2**63"),
+        pytest.param(
+            message(data=data(Aggregate={**EXAMPLE["data"]["Aggregate"], "time": "25:00:00"})),
+            id="bad-time",
+        ),
+    ],
+)
+def test_other_frames_are_left_to_the_full_rules(frame: dict[str, Any]) -> None:
+    """Anything that needs extras, a conversion or an error message is not the fast path's."""
+    assert flatten_fast(encode(frame)) is None
+
+
+def test_fast_path_declines_what_is_not_json() -> None:
+    assert flatten_fast(b'{"contractId": "1", "timestamp": ') is None
+    assert flatten_fast(b"\xff\xfe") is None
+    assert flatten_fast(encode(message()).replace(b"245000", b"1e400")) is None
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(json_values | message_like | valid_messages().map(lambda case: case[0]))
+def test_fast_path_never_disagrees_with_the_full_rules(value: Any) -> None:
+    """On any JSON the fast path either declines or gives exactly flatten's rows."""
+    for naive_tz in (UTC, TEHRAN):
+        fast_agrees(json.dumps(value), naive_tz)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(valid_messages())
+def test_fast_path_takes_every_plain_valid_message(
+    case: tuple[dict[str, Any], tzinfo, datetime],
+) -> None:
+    """A valid message without unknown keys or integral floats goes the fast way."""
+    frame, naive_tz, _ = case
+    plain = (
+        type(frame["data"]) is dict
+        and set(frame["data"]) <= set(SECTION_TABLES)
+        and type(frame[next(k for k in ("contractId", "ContractId", "contractName") if k in frame)])
+        is str
+        and all(
+            set(section) <= {c.field for c in TABLES[SECTION_TABLES[name]].wire_columns}
+            for name, section in frame["data"].items()
+            if name != "BestLimit"
+        )
+        and all(
+            key in ("1", "2", "3")
+            and set(lvl) <= {c.field for c in TABLES["best_limit"].wire_columns}
+            for key, lvl in frame["data"].get("BestLimit", {}).items()
+        )
+        and not any(
+            type(v) is float and c.kind == "int"
+            for name, section in frame["data"].items()
+            for fields in (section.values() if name == "BestLimit" else [section])
+            for c in TABLES[SECTION_TABLES[name]].wire_columns
+            if (v := fields.get(c.field)) is not None
+        )
+    )
+    result = fast_agrees(orjson.dumps(frame), naive_tz)
+
+    assert (result is not None) == plain
