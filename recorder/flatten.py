@@ -343,6 +343,10 @@ def _frame_struct() -> type[msgspec.Struct]:
 
 
 _FAST_DECODER = msgspec.json.Decoder(_frame_struct())
+_FIELD_NAMES = {
+    table: [c.field for c in TABLES[table].wire_columns if c.field is not None]
+    for table in SECTION_TABLES.values()
+}
 _astuple = msgspec.structs.astuple
 #: per section, in the order of the data Struct's fields: (section, table, has levels,
 #: positions of date/time values to convert)
@@ -361,33 +365,58 @@ _FAST_SECTIONS = tuple(
 )
 
 
-def flatten_fast(frame: bytes | str, naive_tz: tzinfo = UTC) -> Flattened | None:
-    """:func:`flatten` for a plain frame, several times faster; None: use :func:`flatten`."""
+def _plain(frame: bytes | str, naive_tz: tzinfo) -> tuple[str, str, int, tuple[Any, ...]] | None:
+    """(id key, contract, exchange_us, sections) of a plain frame, every value checked."""
     try:
         timestamp, data, _, *ids = _astuple(_FAST_DECODER.decode(frame))
     except msgspec.DecodeError:
         return None
-    found = [(key, value) for key, value in zip(ID_KEYS, ids) if value is not _UNSET]
+    found = [(key, value) for key, value in zip(ID_KEYS, ids, strict=True) if value is not _UNSET]
     if len(found) != 1 or not found[0][1]:
         return None
-    id_key, contract = found[0]
-    rows: dict[str, list[Row]] = {}
+    sections = _astuple(data)
+    if all(value is _UNSET for value in sections):
+        return None  # no section: the pipeline keeps an extras row for it
     try:
         exchange_us = parse_timestamp(timestamp, naive_tz)
-        for (_, table, levels, convert), value in zip(_FAST_SECTIONS, _astuple(data)):
-            if value is _UNSET:
-                continue
-            if levels:
-                rows[table] = [(int(key), *_astuple(level)) for key, level in value.items()]
-            elif convert:
-                row = list(_astuple(value))
+        for (_, table, _, convert), value in zip(_FAST_SECTIONS, sections, strict=True):
+            if convert and value is not _UNSET:
                 for i, converter in convert:
-                    row[i] = converter(row[i], table)
-                rows[table] = [tuple(row)]
-            else:
-                rows[table] = [_astuple(value)]
+                    converter(getattr(value, _FIELD_NAMES[table][i]), table)
     except FlattenError:
         return None
+    return found[0][0], found[0][1], exchange_us, sections
+
+
+def plain_frame(frame: bytes | str, naive_tz: tzinfo = UTC) -> tuple[str, int] | None:
+    """(contract, exchange_us) when ``frame`` is plain (see the fast path above), else None.
+
+    A plain frame's rows are exactly what :func:`flatten` would give, so they may be built
+    by other means (recorder.columnar decodes batches of plain frames in DuckDB).
+    """
+    plain = _plain(frame, naive_tz)
+    return None if plain is None else (plain[1], plain[2])
+
+
+def flatten_fast(frame: bytes | str, naive_tz: tzinfo = UTC) -> Flattened | None:
+    """:func:`flatten` for a plain frame, several times faster; None: use :func:`flatten`."""
+    plain = _plain(frame, naive_tz)
+    if plain is None:
+        return None
+    id_key, contract, exchange_us, sections = plain
+    rows: dict[str, list[Row]] = {}
+    for (_, table, levels, convert), value in zip(_FAST_SECTIONS, sections, strict=True):
+        if value is _UNSET:
+            continue
+        if levels:
+            rows[table] = [(int(key), *_astuple(level)) for key, level in value.items()]
+        elif convert:
+            row = list(_astuple(value))
+            for i, converter in convert:
+                row[i] = converter(row[i], table)
+            rows[table] = [tuple(row)]
+        else:
+            rows[table] = [_astuple(value)]
     return Flattened(contract, id_key, exchange_us, rows, [])
 
 

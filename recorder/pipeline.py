@@ -22,16 +22,21 @@ from datetime import tzinfo
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
 import structlog
 
 from recorder.buffer import Batch, Buffer, Key, Row
+from recorder.columnar import Decoder, FrameBatch, batches_to_parts, partitions
 from recorder.config import JournalConfig, StorageConfig
 from recorder.errors import FlattenError, StorageError
-from recorder.flatten import ENVELOPE, Extra, flatten
+from recorder.flatten import ENVELOPE, Extra, flatten, flatten_fast, plain_frame
 from recorder.journal import EVENT, FRAME, SNAPSHOT, Journal
 from recorder.paths import partition_date
 from recorder.reference import reference_row
+from recorder.schema import TABLES
 from recorder.state import SeqAllocator
 from recorder.writer import ParquetWriter, WrittenFile
 
@@ -40,6 +45,9 @@ log = structlog.get_logger("recorder.pipeline")
 _DAY_BUCKET_US = 15 * 60 * 1_000_000  # every time zone offset in use is a multiple of 15 min
 _EMPTY_MESSAGE: Extra = (ENVELOPE, None, "{}")  # a message with no section still leaves a row
 SOURCE_STREAM, SOURCE_SNAPSHOT = "stream", "snapshot"
+DUPLICATE = "duplicate: the same contract and timestamp came on two streams"
+#: plain frames decoded together by DuckDB (about 15 MB of JSON)
+DECODE_FRAMES = 20_000
 
 
 @dataclass
@@ -50,6 +58,7 @@ class Stats:
     snapshots: int = 0
     quarantined: int = 0
     recovered: int = 0
+    decoded_in_bulk: int = 0  # plain frames whose rows DuckDB built
     rows_written: Counter[str] = field(default_factory=Counter)
     files_written: int = 0
     bytes_written: int = 0
@@ -88,6 +97,8 @@ class Pipeline:
         naive_tz: tzinfo,
         journal: JournalConfig | None = None,
         run: str = "",
+        *,
+        bulk_decode: bool = True,
     ) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir = data_dir
@@ -100,6 +111,14 @@ class Pipeline:
             storage.flush_interval_seconds, storage.max_rows_per_file, storage.max_buffered_rows
         )
         self._writer = ParquetWriter(data_dir, storage.compression_level, storage.fsync)
+        self._bulk = bulk_decode
+        self._decoder = Decoder()
+        self._frames = FrameBatch()  # plain frames not decoded yet
+        self._parts: dict[str, list[pa.Table]] = {}  # decoded rows not written yet
+        self._parts_rows = 0
+        self._parts_min_seq: int | None = None
+        self._parts_since: float | None = None
+        self._in_flight_min_seq: int | None = None  # taken by a decode or flush under way
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet-writer")
         self.journal: Journal | None = None
         if journal is not None and journal.enabled:
@@ -127,18 +146,39 @@ class Pipeline:
 
     @property
     def rows_buffered(self) -> int:
-        return self._buffer.rows
+        """Rows in memory waiting for a flush (a frame not decoded yet counts as one)."""
+        return self._buffer.rows + self._parts_rows + len(self._frames)
 
     # ------------------------------------------------------------------ hot path
 
     def on_frame(self, connection: str, frame: bytes | str, received_us: int) -> int:
-        """Take one frame as received; returns its seq. Never raises for bad input."""
+        """Take one frame as received; returns its seq. Never raises for bad input.
+
+        A plain frame (the usual kind) only joins the batch DuckDB decodes in the writer
+        thread; any other takes the full rules here and now.
+        """
         seq = self._seq.next()
+        raw = frame if isinstance(frame, bytes) else frame.encode()
         if self.journal is not None:
-            raw = frame if isinstance(frame, bytes) else frame.encode()
             self.journal.append(FRAME, seq, received_us, connection, raw)
         self.stats.frames += 1
-        self._ingest(connection, frame, received_us, seq, time.monotonic())
+        now = time.monotonic()
+        plain = plain_frame(raw, self._naive_tz) if self._bulk and self._skip is None else None
+        if plain is None:
+            self._ingest(connection, frame, received_us, seq, now)
+            return seq
+        contract, exchange_us = plain
+        if self._dedupe and contract in self._dedupe:
+            seen = self._dedupe[contract]
+            if exchange_us in seen:
+                self._quarantine(connection, frame, received_us, seq, DUPLICATE, now)
+                return seq
+            seen.add(exchange_us)
+        day = self._local_day(exchange_us)
+        self._frames.add(seq, received_us, exchange_us, day, contract, raw, now)
+        self.stats.last_message_at[contract] = received_us / 1e6
+        if len(self._frames) >= DECODE_FRAMES:
+            self._wake.set()
         return seq
 
     def on_snapshot(self, connection: str, message: bytes, received_us: int) -> int:
@@ -167,17 +207,18 @@ class Pipeline:
         now: float,
         source: str = SOURCE_STREAM,
     ) -> None:
-        try:
-            message = flatten(frame, self._naive_tz)
-        except FlattenError as exc:
-            self._quarantine(connection, frame, received_us, seq, exc.reason, now)
-            return
+        message = flatten_fast(frame, self._naive_tz)
+        if message is None:  # not a plain frame: the full rules decide
+            try:
+                message = flatten(frame, self._naive_tz)
+            except FlattenError as exc:
+                self._quarantine(connection, frame, received_us, seq, exc.reason, now)
+                return
         contract = message.contract
         if self._dedupe and source == SOURCE_STREAM and contract in self._dedupe:
             seen = self._dedupe[contract]
             if message.exchange_us in seen:
-                reason = "duplicate: the same contract and timestamp came on two streams"
-                self._quarantine(connection, frame, received_us, seq, reason, now)
+                self._quarantine(connection, frame, received_us, seq, DUPLICATE, now)
                 return
             seen.add(message.exchange_us)
         day = self._local_day(message.exchange_us)
@@ -257,9 +298,9 @@ class Pipeline:
     def relieve_memory(self) -> None:
         """Before the loop runs: write everything when the buffer is full (recovery only)."""
         if self._buffer.rows >= self.storage.max_buffered_rows:
-            _, failed, error = self._write(self._buffer.take_all())
+            _, failed, error = self._write(self._buffer.take_all(), FrameBatch(), {})
             if error is not None:
-                self._buffer.restore(failed, time.monotonic())
+                self._keep(failed, time.monotonic())
                 log.error("cannot write recovered rows yet; kept in memory", error=str(error))
 
     def seq_above(self, seq: int) -> None:
@@ -354,7 +395,7 @@ class Pipeline:
         self._flusher = asyncio.create_task(self.run_flusher(), name="flusher")
 
     async def run_flusher(self) -> None:
-        """Flush due partitions until :meth:`close`; a failed write is retried with backoff."""
+        """Decode and flush until :meth:`close`; a failed write is retried with backoff."""
         tick = min(0.25, self.storage.flush_interval_seconds / 4)
         while True:
             with contextlib.suppress(TimeoutError):
@@ -362,20 +403,93 @@ class Pipeline:
             self._wake.clear()
             if self._closing:
                 return
-            keys = self._buffer.due(time.monotonic())
-            if keys and not await self.flush(keys):
+            if len(self._frames) >= DECODE_FRAMES:
+                await self._decode_frames()
+            if self._due(time.monotonic()) and not await self.flush():
                 backoff = min(30.0, 0.5 * 2 ** min(self._failures, 6))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), backoff)
 
+    def _due(self, now: float) -> bool:
+        """A flush is due when any row has waited flush_interval or memory holds too many."""
+        deadline = now - self.storage.flush_interval_seconds
+        return (
+            bool(self._buffer.due(now))
+            or self.rows_buffered >= self.storage.max_buffered_rows
+            or any(
+                since is not None and since <= deadline
+                for since in (self._frames.started, self._parts_since)
+            )
+        )
+
+    async def _decode_frames(self) -> None:
+        """Decode the plain frames received so far into Arrow rows (in the writer thread)."""
+        frames, self._frames = self._frames, FrameBatch()
+        self._in_flight_min_seq = frames.first_seq
+        try:
+            loop = asyncio.get_running_loop()
+            tables = await loop.run_in_executor(self._pool, self._decode, frames)
+        finally:
+            self._in_flight_min_seq = None
+        self._keep(
+            {name: [rows] for name, rows in tables.items()}, frames.started or time.monotonic()
+        )
+
+    def _keep(self, tables: dict[str, list[pa.Table]], since: float) -> None:
+        """Hold decoded (or not written) rows until the next flush."""
+        for name, pieces in tables.items():
+            for rows in pieces:
+                if rows.num_rows == 0:
+                    continue
+                self._parts.setdefault(name, []).append(rows)
+                self._parts_rows += rows.num_rows
+                first = int(pc.min(rows.column("seq")).as_py())
+                floor = self._parts_min_seq
+                self._parts_min_seq = first if floor is None else min(floor, first)
+        if self._parts and (self._parts_since is None or since < self._parts_since):
+            self._parts_since = since
+
+    def _decode(self, frames: FrameBatch) -> dict[str, pa.Table]:
+        """The rows of plain frames: DuckDB's bulk decoding, or frame by frame if it fails."""
+        if not len(frames):
+            return {}
+        try:
+            tables = self._decoder.decode(frames)
+            self.stats.decoded_in_bulk += len(frames)
+            return tables
+        except (duckdb.Error, pa.ArrowException) as exc:
+            self._log_limited(
+                "decode", "bulk decoding failed; frames flattened one by one", error=str(exc)
+            )
+        batches: dict[Key, list[Row]] = {}
+        for i, frame in enumerate(frames.frames):
+            message = flatten(frame, self._naive_tz)
+            head = (message.exchange_us, frames.received[i], frames.seq[i])
+            for table, rows in message.rows.items():
+                key = (table, frames.day[i], message.contract)
+                batches.setdefault(key, []).extend(head + row + (SOURCE_STREAM,) for row in rows)
+        return batches_to_parts(Batch(key, rows) for key, rows in batches.items())
+
     async def flush(self, keys: list[Key] | None = None) -> bool:
-        """Write the given partitions (None: all); False when a write failed (rows kept)."""
-        batches = self._buffer.take_all() if keys is None else self._buffer.take(keys)
-        if not batches:
+        """Write every buffered row (``keys`` is ignored: a flush takes all partitions, so
+        each gets one file per flush); False when a write failed (rows kept)."""
+        batches = self._buffer.take_all()
+        frames, self._frames = self._frames, FrameBatch()
+        parts, self._parts = self._parts, {}
+        floors = [self._buffer_floor(batches), frames.first_seq, self._parts_min_seq]
+        self._in_flight_min_seq = min((f for f in floors if f is not None), default=None)
+        self._parts_rows, self._parts_min_seq, self._parts_since = 0, None, None
+        if not (batches or len(frames) or parts):
+            self._in_flight_min_seq = None
             return True
         started = time.monotonic()
         loop = asyncio.get_running_loop()
-        written, failed, error = await loop.run_in_executor(self._pool, self._write, batches)
+        try:
+            written, failed, error = await loop.run_in_executor(
+                self._pool, self._write, batches, frames, parts
+            )
+        finally:
+            self._in_flight_min_seq = None
         for file in written:
             self.stats.rows_written[file.table] += file.rows
             self.stats.bytes_written += file.bytes
@@ -383,9 +497,9 @@ class Pipeline:
         self.stats.flushes += 1
         self.stats.last_flush_at = time.time()
         if failed:
-            self._buffer.restore(failed, time.monotonic())
-        self._release_journal()
+            self._keep(failed, time.monotonic())
         if error is None:
+            self._release_journal()
             self._failures = 0
             self.stats.last_flush_ok = True
             log.debug("flushed", files=len(written), seconds=round(time.monotonic() - started, 3))
@@ -397,14 +511,24 @@ class Pipeline:
             "flush",
             "flush failed; rows kept in memory and retried",
             error=str(error),
-            rows_kept=self._buffer.rows,
+            rows_kept=self.rows_buffered,
             failures=self._failures,
         )
         return False
 
+    @staticmethod
+    def _buffer_floor(batches: list[Batch]) -> int | None:
+        return min((b.first_seq for b in batches), default=None)
+
     def _release_journal(self) -> None:
         if self.journal is not None:
-            floor = self._buffer.min_seq()
+            floors = [
+                self._buffer.min_seq(),
+                self._frames.first_seq,
+                self._parts_min_seq,
+                self._in_flight_min_seq,
+            ]
+            floor = min((f for f in floors if f is not None), default=None)
             self.journal.release(self._seq.last + 1 if floor is None else floor)
 
     def _journal_error(self, error: OSError) -> None:
@@ -414,18 +538,36 @@ class Pipeline:
         )
 
     def _write(
-        self, batches: list[Batch]
-    ) -> tuple[list[WrittenFile], list[Batch], StorageError | None]:
-        written: list[WrittenFile] = []
-        newest = max(b.last_seq for b in batches)
-        if self.journal is not None and not self.journal.wait_written(newest, timeout=5.0):
-            return written, batches, StorageError("the journal is behind; rows kept for later")
-        for index, batch in enumerate(batches):
-            try:
-                written.append(self._writer.write(batch))
-            except StorageError as exc:
-                return written, batches[index:], exc
-        return written, [], None
+        self, batches: list[Batch], frames: FrameBatch, parts: dict[str, list[pa.Table]]
+    ) -> tuple[list[WrittenFile], dict[str, list[pa.Table]], StorageError | None]:
+        """One flush, in the writer thread: decode, sort, cut into files and write them.
+
+        Returns the files written, the rows not written (kept for the next flush) and the
+        error that stopped the flush, if any.
+        """
+        tables = {name: list(rows) for name, rows in parts.items()}
+        for source in (self._decode(frames), batches_to_parts(batches)):
+            for name, rows in source.items():
+                tables.setdefault(name, []).append(rows)
+        try:
+            merged = {name: pa.concat_tables(rows) for name, rows in tables.items()}
+            newest = max(int(pc.max(rows.column("seq")).as_py()) for rows in merged.values())
+            if self.journal is not None and not self.journal.wait_written(newest, timeout=5.0):
+                return [], tables, StorageError("the journal is behind; rows kept for later")
+            ordered: dict[str, pa.Table] = {}
+            files = []
+            for name, rows in merged.items():
+                ordered[name], cut = partitions(TABLES[name], rows, self.storage.max_rows_per_file)
+                files.extend(cut)
+        except pa.ArrowException as exc:  # a defect, not bad input: keep every row, say so
+            return [], tables, StorageError(f"cannot arrange rows into files: {exc}")
+        written, failed, error = self._writer.write_parts(ordered, files)
+        kept: dict[str, list[pa.Table]] = {}
+        for part in failed:
+            kept.setdefault(part.key[0], []).append(
+                ordered[part.key[0]].slice(part.offset, part.length)
+            )
+        return written, kept, error
 
     async def close(self, patience: float = 30.0) -> bool:
         """Flush everything still buffered (retrying for up to ``patience`` s); True when done."""
@@ -444,6 +586,7 @@ class Pipeline:
                 "rows not written before exit; they stay in the journal", rows=self._buffer.rows
             )
         self._pool.shutdown(wait=True)
+        self._decoder.close()
         if self.journal is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.journal.close)
         self._seq.close()

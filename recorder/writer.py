@@ -3,20 +3,58 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from recorder.buffer import Batch, Key
 from recorder.errors import StorageError
 from recorder.paths import file_name, partition_dir
 from recorder.schema import TABLES, Table
-from recorder.state import fsync_dir
+from recorder.state import STATE_DIR, fsync_dir
+
+#: where a flush writes its files before they are durable (never read by any view)
+WRITING_DIR = "writing"
+_PART = "__batch"  # the column that tells a flush's files apart while it is written
+_PARTITIONING = ds.partitioning(pa.schema([(_PART, pa.int32())]), flavor="hive")
+_ROW_GROUP_ROWS = 128 * 1024
+_libc = ctypes.CDLL(None, use_errno=True)
+_syncfs = getattr(_libc, "syncfs", None)
+
+
+def sync_filesystem(path: Path) -> None:
+    """Make everything written to ``path``'s file system durable: one ``syncfs`` for a whole
+    flush instead of an fsync per file and folder (where the call is missing: a global sync)."""
+    if _syncfs is None:
+        os.sync()
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _syncfs(fd) != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, os.strerror(errno), str(path))
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    """The rows of one Parquet file to write: a slice of its table's sorted rows."""
+
+    key: Key
+    first_seq: int
+    last_seq: int
+    offset: int
+    length: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,15 +106,122 @@ class ParquetWriter:
         self.data_dir = data_dir.resolve()
         self.compression_level = compression_level
         self.fsync = fsync
+        self._staging = self.data_dir / STATE_DIR / WRITING_DIR
+        # files a crash left here were never visible; the journal still holds their rows
+        shutil.rmtree(self._staging, ignore_errors=True)
+        self._options = ds.ParquetFileFormat().make_write_options(
+            compression="zstd",
+            compression_level=compression_level,
+            use_dictionary=True,
+            write_statistics=True,
+        )
 
     def path_for(self, batch: Batch) -> Path:
-        table, day, contract = batch.key
+        return self.path_of(batch.key, batch.first_seq, batch.last_seq)
+
+    def path_of(self, key: Key, first_seq: int, last_seq: int) -> Path:
+        table, day, contract = key
         folder = self.data_dir / partition_dir(table, day, contract)
-        path = folder / file_name(batch.first_seq, batch.last_seq)
+        path = folder / file_name(first_seq, last_seq)
         # encode_contract already makes this impossible; a second, independent check is cheap
         if not path.resolve().is_relative_to(self.data_dir):
             raise StorageError(f"partition path escapes the data directory: {path}")
         return path
+
+    def _write_parquet(self, table: Table, rows: list[tuple[object, ...]], path: Path) -> None:
+        pq.write_table(
+            to_arrow(table, rows),
+            path,
+            compression="zstd",
+            compression_level=self.compression_level,
+            use_dictionary=True,
+            write_statistics=True,
+            row_group_size=_ROW_GROUP_ROWS,
+        )
+
+    def _write_dataset(self, rows: dict[str, pa.Table], parts: list[Part]) -> list[Path]:
+        """Write each part as one file under the staging folder, a table at a time in Arrow's
+        multi-threaded dataset writer (which holds the GIL far less than one call per file)."""
+        by_table: dict[str, list[int]] = {}
+        for index, part in enumerate(parts):
+            by_table.setdefault(part.key[0], []).append(index)
+        for name, indexes in by_table.items():
+            table = TABLES[name]
+            data = rows[name]
+            first, last = parts[indexes[0]], parts[indexes[-1]]
+            data = data.slice(first.offset, last.offset + last.length - first.offset)
+            counts = [parts[i].length for i in indexes]
+            if sum(counts) != data.num_rows:
+                raise StorageError(f"the parts of {name} do not cover its rows")
+            batch = np.repeat(np.asarray(indexes, dtype=np.int32), counts)
+            files = data.select(table.arrow_schema.names).cast(table.arrow_schema)
+            ds.write_dataset(
+                files.append_column(_PART, pa.array(batch)),
+                self._staging,
+                format="parquet",
+                partitioning=_PARTITIONING,
+                file_options=self._options,
+                basename_template=name + "-{i}.parquet",
+                preserve_order=True,
+                max_rows_per_group=_ROW_GROUP_ROWS,
+                max_partitions=len(indexes) + 1,
+                existing_data_behavior="overwrite_or_ignore",
+            )
+        files = []
+        for index, part in enumerate(parts):
+            folder = self._staging / f"{_PART}={index}"
+            names = sorted(os.listdir(folder))
+            if len(names) != 1:  # the writer closed and reopened it: make it one file again
+                whole = pq.read_table([str(folder / n) for n in names]) if names else None
+                if whole is None or whole.num_rows != part.length:
+                    raise StorageError(f"the dataset writer lost rows of {part.key}")
+                pq.write_table(whole, folder / "whole.parquet", compression="zstd")
+                names = ["whole.parquet"]
+            files.append(folder / names[0])
+        return files
+
+    def write_parts(
+        self, rows: dict[str, pa.Table], parts: list[Part]
+    ) -> tuple[list[WrittenFile], list[Part], StorageError | None]:
+        """Write a flush, one file per part, durable at the cost of two ``syncfs``.
+
+        ``rows[table]`` holds a table's rows sorted as :func:`recorder.columnar.partitions`
+        cut them into ``parts``. Every file is written under ``_state/writing`` (by Arrow's
+        dataset writer), the file system is synced, each file is renamed into its partition
+        (under the partition lock) and the file system is synced again, so a power loss
+        leaves each file whole or absent. Returns the files now visible, the parts not
+        written and the error that stopped the writing (or None). A failure of the last sync
+        leaves the files visible and reports the error: they are complete, and the caller
+        keeps the journal until a later flush syncs.
+        """
+        shutil.rmtree(self._staging, ignore_errors=True)
+        try:
+            paths = [self.path_of(p.key, p.first_seq, p.last_seq) for p in parts]
+            staged = self._write_dataset(rows, parts)
+            if self.fsync:
+                sync_filesystem(self._staging)
+        except (OSError, pa.ArrowException, StorageError) as exc:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            return [], parts, StorageError(f"cannot write a flush of {len(parts)} files: {exc}")
+        written: list[WrittenFile] = []
+        for index, (part, tmp, path) in enumerate(zip(parts, staged, paths, strict=True)):
+            try:
+                with partition_lock(self.data_dir, part.key):
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    size = tmp.stat().st_size
+                    os.replace(tmp, path)
+            except OSError as exc:
+                shutil.rmtree(self._staging, ignore_errors=True)
+                error = StorageError(f"cannot move {path.relative_to(self.data_dir)}: {exc}")
+                return written, parts[index:], error
+            written.append(WrittenFile(part.key[0], path, part.length, size))
+        shutil.rmtree(self._staging, ignore_errors=True)
+        if self.fsync:
+            try:
+                sync_filesystem(self.data_dir)
+            except OSError as exc:
+                return written, [], StorageError(f"cannot sync the data directory: {exc}")
+        return written, [], None
 
     def write(self, batch: Batch) -> WrittenFile:
         """Write one batch as one file; on failure raise StorageError and leave no visible file."""
@@ -84,19 +229,10 @@ class ParquetWriter:
         path = self.path_for(batch)
         tmp = path.with_name(f".{path.name}.tmp")
         try:
-            arrow = to_arrow(table, batch.rows)
             # the compactor swaps partition folders under this lock (recorder.compaction)
             with partition_lock(self.data_dir, batch.key):
                 path.parent.mkdir(parents=True, exist_ok=True)
-                pq.write_table(
-                    arrow,
-                    tmp,
-                    compression="zstd",
-                    compression_level=self.compression_level,
-                    use_dictionary=True,
-                    write_statistics=True,
-                    row_group_size=128 * 1024,
-                )
+                self._write_parquet(table, batch.rows, tmp)
                 if self.fsync:
                     fd = os.open(tmp, os.O_RDONLY)
                     try:

@@ -1,0 +1,245 @@
+"""Plain frames in bulk: DuckDB turns a batch of them into Arrow tables, off the event loop.
+
+On the event loop a plain frame (:func:`recorder.flatten.plain_frame`: checked in C by
+msgspec, so its rows are exactly what :func:`~recorder.flatten.flatten` would give) costs a
+few list appends in a :class:`FrameBatch`. In the writer thread, :class:`Decoder` hands the
+batch to DuckDB, which parses the JSON and builds every table's columns in C++ without the
+GIL; rows then travel as Arrow tables (:data:`PARTS_SCHEMA` order: the partition columns
+(:data:`DATE` and :data:`CONTRACT`) first, then the file columns) until :func:`partitions` cuts them
+into one slice per Parquet file.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from recorder.buffer import Batch
+from recorder.schema import SECTION_TABLES, TABLES, Table
+from recorder.writer import Part, to_arrow
+
+_DUCK_TYPES = {"int": "BIGINT", "float": "DOUBLE", "date": "VARCHAR", "time": "VARCHAR"}
+#: the partition columns while rows travel (named apart from every file column: the
+#: rejections table has a ``contract`` column of its own)
+DATE, CONTRACT = "__date", "__contract"
+_PARTITION_FIELDS = [pa.field(DATE, pa.string()), pa.field(CONTRACT, pa.string())]
+
+
+def parts_schema(table: Table) -> pa.Schema:
+    """The schema rows travel in between decoding and writing: partition, then file columns."""
+    return pa.schema([*_PARTITION_FIELDS, *table.arrow_schema])
+
+
+class FrameBatch:
+    """Plain frames waiting to be decoded, as columns (appended to on the event loop)."""
+
+    __slots__ = ("contract", "day", "exchange", "frames", "received", "seq", "started")
+
+    def __init__(self) -> None:
+        self.seq: list[int] = []
+        self.received: list[int] = []
+        self.exchange: list[int] = []
+        self.day: list[str] = []
+        self.contract: list[str] = []
+        self.frames: list[bytes] = []
+        self.started: float | None = None  # monotonic reading of the first frame
+
+    def __len__(self) -> int:
+        return len(self.seq)
+
+    def add(
+        self,
+        seq: int,
+        received_us: int,
+        exchange_us: int,
+        day: str,
+        contract: str,
+        frame: bytes,
+        now: float,
+    ) -> None:
+        if self.started is None:
+            self.started = now
+        self.seq.append(seq)
+        self.received.append(received_us)
+        self.exchange.append(exchange_us)
+        self.day.append(day)
+        self.contract.append(contract)
+        self.frames.append(frame)
+
+    @property
+    def first_seq(self) -> int | None:
+        return self.seq[0] if self.seq else None
+
+    def arrow(self) -> pa.Table:
+        data = b"".join(self.frames)
+        offsets = np.zeros(len(self.frames) + 1, dtype=np.int64)
+        np.cumsum(np.fromiter(map(len, self.frames), np.int64, len(self.frames)), out=offsets[1:])
+        frames = pa.Array.from_buffers(
+            pa.large_string(), len(self.frames), [None, pa.py_buffer(offsets), pa.py_buffer(data)]
+        )
+        return pa.table(
+            {
+                "seq": pa.array(self.seq, pa.int64()),
+                "received_us": pa.array(self.received, pa.int64()),
+                "exchange_us": pa.array(self.exchange, pa.int64()),
+                "day": pa.array(self.day, pa.string()),
+                "contract": pa.array(self.contract, pa.string()),
+                "frame": frames,
+            }
+        )
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _json_structure() -> str:
+    data: dict[str, Any] = {}
+    for section, name in SECTION_TABLES.items():
+        table = TABLES[name]
+        fields = {c.field: _DUCK_TYPES[c.kind or ""] for c in table.wire_columns if c.field}
+        if table.levels:
+            struct = ", ".join(f"{_quote(f)} {t}" for f, t in fields.items())
+            data[section] = f"MAP(VARCHAR, STRUCT({struct}))"
+        else:
+            data[section] = fields
+    return json.dumps({"data": data})
+
+
+def _value(column: Any, source: str) -> str:
+    field = f"{source}.{_quote(column.field)}"
+    if column.kind in ("date", "time"):
+        return f"CAST(NULLIF({field}, '') AS {column.kind.upper()}) AS {column.name}"
+    return f"{field} AS {column.name}"
+
+
+def _table_sql(name: str) -> str:
+    """The rows of one data table from the decoded batch ``j``, in seq (and level) order."""
+    table = TABLES[name]
+    section = next(s for s, t in SECTION_TABLES.items() if t == name)
+    head = (
+        f"day AS {DATE}, contract AS {CONTRACT}, exchange_us AS exchange_ts, "
+        "received_us AS received_at, seq"
+    )
+    path = f"j.data.{_quote(section)}"
+    wire = [c for c in table.wire_columns if c.field]
+    if table.levels:
+        values = ", ".join(_value(c, "e.value") for c in wire)
+        return (
+            f"SELECT {head}, CAST(e.key AS INTEGER) AS level, {values}, 'stream' AS source "
+            f"FROM (SELECT *, unnest(map_entries({path})) AS e, "
+            f"generate_subscripts(map_entries({path}), 1) AS i FROM j WHERE {path} IS NOT NULL) "
+            "ORDER BY seq, i"
+        )
+    values = ", ".join(_value(c, path) for c in wire)
+    return (
+        f"SELECT {head}, {values}, 'stream' AS source FROM j WHERE {path} IS NOT NULL ORDER BY seq"
+    )
+
+
+_STRUCTURE = _json_structure()
+_TABLE_SQL = {name: _table_sql(name) for name in SECTION_TABLES.values()}
+
+
+class Decoder:
+    """Turns a FrameBatch into one Arrow table per data table (one DuckDB connection)."""
+
+    def __init__(self, threads: int = 2) -> None:
+        self._con = duckdb.connect()
+        self._con.execute(f"SET threads = {int(threads)}")
+        self._con.execute("SET preserve_insertion_order = true")
+        self._lock = threading.Lock()
+
+    def decode(self, batch: FrameBatch) -> dict[str, pa.Table]:
+        """The rows of every plain frame in ``batch``; raises duckdb.Error if one is not."""
+        with self._lock:
+            con = self._con
+            con.register("frames", batch.arrow())
+            try:
+                con.execute(
+                    "CREATE OR REPLACE TEMP TABLE j AS SELECT seq, received_us, exchange_us, "
+                    f"day, contract, from_json(frame, '{_STRUCTURE}') AS j FROM frames"
+                )
+                out = {}
+                for name, sql in _TABLE_SQL.items():
+                    arrow = con.sql(sql).to_arrow_table()
+                    if arrow.num_rows:
+                        out[name] = _conform(arrow, TABLES[name])
+                return out
+            finally:
+                con.unregister("frames")
+                con.execute("DROP TABLE IF EXISTS j")
+
+    def close(self) -> None:
+        self._con.close()
+
+
+def _conform(arrow: pa.Table, table: Table) -> pa.Table:
+    """Cast DuckDB's answer to the table's exact Arrow types (timestamps from microseconds)."""
+    schema = parts_schema(table)
+    columns = []
+    for field in schema:
+        column = arrow.column(field.name)
+        if pa.types.is_timestamp(field.type) and pa.types.is_integer(column.type):
+            column = column.cast(pa.int64()).cast(field.type)
+        columns.append(column.cast(field.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def batches_to_parts(batches: Iterable[Batch]) -> dict[str, pa.Table]:
+    """Row batches of the buffer as Arrow tables per table, in the parts schema."""
+    by_table: dict[str, list[pa.Table]] = {}
+    for batch in batches:
+        name, day, contract = batch.key
+        table = TABLES[name]
+        rows = to_arrow(table, batch.rows)
+        n = rows.num_rows
+        part = pa.Table.from_arrays(
+            [
+                pa.array([day] * n, pa.string()),
+                pa.array([contract] * n, pa.string()),
+                *rows.columns,
+            ],
+            schema=parts_schema(table),
+        )
+        by_table.setdefault(name, []).append(part)
+    return {name: pa.concat_tables(parts) for name, parts in by_table.items()}
+
+
+def partitions(table: Table, rows: pa.Table, max_rows: int) -> tuple[pa.Table, list[Part]]:
+    """Sort ``rows`` (parts schema) by partition and seq, and cut them into files.
+
+    A partition holds one file per flush unless it has more than ``max_rows`` rows; a cut
+    never falls inside one frame's rows (recovery relies on it: see recorder.recovery).
+    """
+    rows = rows.sort_by([(DATE, "ascending"), (CONTRACT, "ascending"), ("seq", "ascending")])
+    n = rows.num_rows
+    if n == 0:
+        return rows, []
+    date = rows.column(DATE).combine_chunks().dictionary_encode().indices.to_numpy()
+    contract = pc.fill_null(rows.column(CONTRACT), "").combine_chunks()
+    codes = contract.dictionary_encode().indices.to_numpy()
+    seq = rows.column("seq").to_numpy()
+    change = np.flatnonzero((date[1:] != date[:-1]) | (codes[1:] != codes[:-1])) + 1
+    starts = [0, *change.tolist()]
+    ends = [*change.tolist(), n]
+    parts = []
+    for start, end in zip(starts, ends, strict=True):
+        day = rows.column(DATE)[start].as_py()
+        who = rows.column(CONTRACT)[start].as_py() if table.by_contract else None
+        cut = start
+        while cut < end:
+            stop = min(cut + max_rows, end)
+            while stop < end and seq[stop] == seq[stop - 1]:
+                stop += 1
+            key = (table.name, day, who)
+            parts.append(Part(key, int(seq[cut]), int(seq[stop - 1]), cut, stop - cut))
+            cut = stop
+    return rows, parts
