@@ -3,7 +3,9 @@
 :class:`recorder.compactor.Compactor` rewrites one partition; a run picks the partitions
 (those of the closed dates, or of the dates asked for), removes what a crashed run left,
 skips partitions already compacted (so a second run changes nothing) and shows progress.
-One run at a time per data directory (a lock file in ``_state``).
+One run at a time per data directory (a lock file in ``_state``). Compacted files are written
+at zstd level 19 (``recorder.compactor.COMPRESSION_LEVEL``): 1.7 times the CPU of level 9
+for 2 % fewer bytes, affordable once per partition and off the recording's path.
 
 The daemon runs a pass at start-up (catching up on the dates that closed while it was down)
 and then ``compaction.after_seconds`` after each local midnight of ``partition_timezone``.
@@ -28,7 +30,7 @@ from pathlib import Path
 import pyarrow as pa
 import structlog
 
-from recorder.compactor import Compactor, Outcome, Partition, visible_files
+from recorder.compactor import COMPRESSION_LEVEL, Compactor, Outcome, Partition, visible_files
 from recorder.progress import progress
 from recorder.state import STATE_DIR
 
@@ -184,10 +186,17 @@ def next_pass(now: datetime, tz: tzinfo, after_seconds: float) -> datetime:
 class AutoCompaction:
     """A background task of the daemon; :meth:`close` stops it after the partition in hand."""
 
-    def __init__(self, data_dir: Path, tz: tzinfo, after_seconds: float) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        tz: tzinfo,
+        after_seconds: float,
+        compression_level: int = COMPRESSION_LEVEL,
+    ) -> None:
         self.data_dir = data_dir
         self.tz = tz
         self.after_seconds = after_seconds
+        self.compression_level = compression_level
         self.passes = 0
         self._stop = asyncio.Event()
         self._halt = threading.Event()
@@ -225,6 +234,7 @@ class AutoCompaction:
                 bar=False,
                 wait=False,
                 stop=self._halt,
+                compactor=Compactor(self.data_dir, self.compression_level),
             )
         except CompactionBusy:
             log.info("another process is compacting; this pass is skipped")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
 import signal
@@ -16,6 +17,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import msgspec
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -23,7 +25,16 @@ import recorder
 from recorder.accounting import verify
 from recorder.buffer import Batch, Key
 from recorder.compaction import closed_dates_end, compact, next_pass
-from recorder.compactor import Compactor, exchange
+from recorder.compactor import (
+    COMPRESSION_LEVEL,
+    TRIAL_LEVEL,
+    Compactor,
+    _candidates,
+    _chunk_bytes,
+    choose_encodings,
+    exchange,
+    statistics_columns,
+)
 from recorder.config import CompactionConfig, load_config
 from recorder.errors import ConfigError
 from recorder.paths import seq_range
@@ -156,22 +167,104 @@ def test_every_partition_becomes_one_sorted_file_with_the_same_rows(store: Path)
         rows = pq.ParquetFile(store / folder / name).read(columns=keys).to_pylist()
         ordered = [tuple(r[k] for k in keys) for r in rows]
         assert ordered == sorted(ordered), folder
-    sample = next(f for f in after_files if f.parts[0] == "aggregate")
-    column = pq.ParquetFile(store / sample / after_files[sample][0]).metadata.row_group(0)
-    seq = next(
-        column.column(i)
-        for i in range(column.num_columns)
-        if column.column(i).path_in_schema == "seq"
-    )
-    assert seq.compression == "ZSTD"
-    assert "DELTA_BINARY_PACKED" in seq.encodings
-    assert seq.statistics is not None
-    assert seq.statistics.has_min_max
 
     inodes = {p: p.stat().st_ino for p in store.glob("*/date=*/**/*.parquet")}
     again = compact(store, TEHRAN, now=FUTURE, bar=False)
     assert (again.compacted, again.skipped) == (0, len(before_files))
     assert {p: p.stat().st_ino for p in store.glob("*/date=*/**/*.parquet")} == inodes
+
+
+def column_types(con: Any, source: str) -> list[tuple[str, str]]:
+    return [(r[0], r[1]) for r in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()]
+
+
+def test_compacted_files_are_written_for_size_and_read_back_the_same(store: Path) -> None:
+    """No Arrow schema, statistics only on the filter columns, REQUIRED where there is no
+    null, the chosen encodings: and every view has the same column types and rows as before."""
+    before_con = recorder.connect(store)
+    before_types = {name: column_types(before_con, name) for name in TABLES}
+    before = read_checksums(before_con)
+    before_con.close()
+
+    assert compact(store, TEHRAN, now=FUTURE, bar=False).ok
+
+    con = recorder.connect(store)
+    assert {name: column_types(con, name) for name in TABLES} == before_types
+    assert read_checksums(con) == before
+    encodings: set[str] = set()
+    for folder, (name,) in partitions(store).items():
+        table = TABLES[folder.parts[0]]
+        path = store / folder / name
+        # the Parquet types alone give DuckDB the schema's types (TIMESTAMPTZ, DATE, TIME, ...)
+        nulls = ", ".join(f"NULL::{c.type} AS {c.name}" for c in table.file_columns)
+        expected = column_types(con, f"(SELECT {nulls})")
+        assert column_types(con, f"read_parquet('{path}', hive_partitioning = false)") == expected
+        parquet = pq.ParquetFile(path)
+        assert b"ARROW:schema" not in (parquet.metadata.metadata or {}), folder
+        data = parquet.read()
+        times = [c.name for c in table.file_columns if c.type == "TIMESTAMPTZ"]
+        filtered = ["exchange_ts"] if "exchange_ts" in times else times
+        assert statistics_columns(data.schema) == filtered, folder
+        group = parquet.metadata.row_group(0)
+        for index in range(group.num_columns):
+            chunk = group.column(index)
+            column = chunk.path_in_schema.split(".")[0]
+            assert chunk.compression == "ZSTD"
+            assert chunk.is_stats_set == (column in filtered), (folder, column)
+            field = data.schema.field(column)
+            assert field.nullable == (data.column(column).null_count > 0), (folder, column)
+            encodings.update(e for e in chunk.encodings if e != "RLE")
+    con.close()
+    # what the data asked for: PLAIN somewhere, DELTA for the timestamps that only grow
+    assert {"PLAIN", "DELTA_BINARY_PACKED"} <= encodings
+
+
+def test_each_column_gets_the_encoding_that_compresses_it_smallest() -> None:
+    """Growing timestamps take DELTA_BINARY_PACKED, a few prices in any order a dictionary;
+    every choice is the smallest of the candidates measured."""
+    rng = random.Random(7)
+    rows = 3000
+    start = 1_700_000_000_000_000
+    times, now = [], start
+    for _ in range(rows):
+        now += int(rng.expovariate(1 / 70_000)) + 1
+        times.append(now)
+    data = pa.table(
+        {
+            "exchange_ts": pa.array(times, pa.timestamp("us", tz="UTC")),
+            "price": pa.array([rng.choice([1250.0, 1260.0, 1270.0, 1280.0]) for _ in times]),
+            "quantity": pa.array([rng.randint(1, 300) for _ in times], pa.int64()),
+            "source": pa.array(["stream"] * rows),
+        }
+    )
+    chosen = choose_encodings(data, TRIAL_LEVEL)
+    assert chosen["exchange_ts"] == "DELTA_BINARY_PACKED"
+    assert chosen["price"] == "RLE_DICTIONARY"
+    for field in data.schema:
+        candidates = _candidates(field.type)
+        assert chosen[field.name] in candidates
+        sizes = {}
+        for encoding in candidates:
+            with contextlib.suppress(pa.ArrowNotImplementedError, pa.ArrowInvalid):
+                sizes[encoding] = _chunk_bytes(field, data.column(field.name), encoding, 9)
+        assert sizes[chosen[field.name]] == min(sizes.values()), field.name
+
+
+def test_the_compaction_level_is_the_one_given(store: Path) -> None:
+    """The same partition compacted at zstd level 1 and at the default level (19): the
+    default gives the smaller file, with the same rows."""
+    sizes, rows = {}, {}
+    for level in (1, COMPRESSION_LEVEL):
+        copy = store.parent / f"level{level}"
+        shutil.copytree(store, copy)
+        compact(copy, TEHRAN, days=[DAY2], bar=False, compactor=Compactor(copy, level))
+        files = sorted(copy.glob(f"best_limit/date={DAY2}/*/*.c.parquet"))
+        assert files
+        sizes[level] = sum(p.stat().st_size for p in files)
+        rows[level] = checksums(copy)
+    assert COMPRESSION_LEVEL == 19
+    assert sizes[COMPRESSION_LEVEL] < sizes[1]
+    assert rows[1] == rows[COMPRESSION_LEVEL]
 
 
 @pytest.mark.parametrize(
