@@ -110,6 +110,7 @@ async def record(
                     pipeline.on_frame,
                     own_stop,
                     events=events,
+                    backpressure=pipeline,
                 )
 
             subscriptions = recorder.subscriptions = Subscriptions(

@@ -23,7 +23,7 @@ import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 import aiohttp
 import structlog
@@ -105,6 +105,14 @@ class _Session:
     close_reason: str = ""
 
 
+class Backpressure(Protocol):
+    """What a frame sink tells the readers: ``full`` means stop reading until ``room()``."""
+
+    full: bool
+
+    async def room(self) -> None: ...
+
+
 class FeedConnection:
     """One subscription (a group of contracts) kept open until ``stop`` is set."""
 
@@ -118,8 +126,10 @@ class FeedConnection:
         on_frame: FrameSink,
         stop: asyncio.Event,
         events: FeedEvents | None = None,
+        backpressure: Backpressure | None = None,
     ) -> None:
         self.name = name
+        self._pressure = backpressure
         self.contracts = tuple(contracts)
         self.config = config
         self.url = stream_url(config.base_url, config.subscribe_by, contracts)
@@ -316,6 +326,7 @@ class FeedConnection:
         on_frame = self._on_frame
         stats = self.stats
         session_id = s.id
+        pressure = self._pressure
         while True:
             msg = await ws.receive()
             if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
@@ -326,6 +337,11 @@ class FeedConnection:
                 s.last_frame = time.monotonic()
                 stats.frames += 1
                 on_frame(session_id, msg.data, received)
+                if pressure is not None and pressure.full:
+                    # stop reading (TCP holds the server back) while memory drains to disk;
+                    # the watchdog's clock stops too, for a wait is not a silent stream
+                    await pressure.room()
+                    s.last_frame = time.monotonic()
             elif msg.type in _ENDS:
                 if msg.type is WSMsgType.CLOSE and msg.extra:
                     s.close_reason = scrub(str(msg.extra))[:200]

@@ -375,7 +375,7 @@ def _plain(frame: bytes | str, naive_tz: tzinfo) -> tuple[str, str, int, tuple[A
     if len(found) != 1 or not found[0][1]:
         return None
     sections = _astuple(data)
-    if all(value is _UNSET for value in sections):
+    if sections.count(_UNSET) == len(sections):
         return None  # no section: the pipeline keeps an extras row for it
     try:
         exchange_us = parse_timestamp(timestamp, naive_tz)

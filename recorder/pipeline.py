@@ -59,6 +59,7 @@ class Stats:
     quarantined: int = 0
     recovered: int = 0
     decoded_in_bulk: int = 0  # plain frames whose rows DuckDB built
+    pauses: int = 0  # times the readers were stopped because memory held max_buffered_rows
     rows_written: Counter[str] = field(default_factory=Counter)
     files_written: int = 0
     bytes_written: int = 0
@@ -132,6 +133,9 @@ class Pipeline:
                 on_error=self._journal_error,
             )
         self._wake = asyncio.Event()
+        #: readers stop while ``full`` (recorder.feed.Backpressure): memory stays bounded
+        self.full = False
+        self._room = asyncio.Event()
         self._stopping = asyncio.Event()
         self._closing = False
         self._flusher: asyncio.Task[None] | None = None
@@ -158,6 +162,8 @@ class Pipeline:
         thread; any other takes the full rules here and now.
         """
         seq = self._seq.next()
+        if not seq & 1023:
+            self._check_pressure()
         raw = frame if isinstance(frame, bytes) else frame.encode()
         if self.journal is not None:
             self.journal.append(FRAME, seq, received_us, connection, raw)
@@ -177,9 +183,25 @@ class Pipeline:
         day = self._local_day(exchange_us)
         self._frames.add(seq, received_us, exchange_us, day, contract, raw, now)
         self.stats.last_message_at[contract] = received_us / 1e6
-        if len(self._frames) >= DECODE_FRAMES:
+        if len(self._frames.seq) >= DECODE_FRAMES:
             self._wake.set()
         return seq
+
+    def _check_pressure(self) -> None:
+        if self.rows_buffered >= self.storage.max_buffered_rows:
+            if not self.full:
+                self.full = True
+                self.stats.pauses += 1
+            self._room.clear()
+            self._wake.set()
+        elif self.full:
+            self.full = False
+            self._room.set()
+
+    async def room(self) -> None:
+        """Return once the pipeline takes frames again (readers wait here while ``full``)."""
+        if self.full:
+            await self._room.wait()
 
     def on_snapshot(self, connection: str, message: bytes, received_us: int) -> int:
         """Take one live-overview snapshot, already in wire shape; stored with source=snapshot."""
@@ -498,6 +520,7 @@ class Pipeline:
         self.stats.last_flush_at = time.time()
         if failed:
             self._keep(failed, time.monotonic())
+        self._check_pressure()
         if error is None:
             self._release_journal()
             self._failures = 0

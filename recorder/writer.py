@@ -106,6 +106,7 @@ class ParquetWriter:
         self.data_dir = data_dir.resolve()
         self.compression_level = compression_level
         self.fsync = fsync
+        self._root = str(self.data_dir) + os.sep
         self._staging = self.data_dir / STATE_DIR / WRITING_DIR
         # files a crash left here were never visible; the journal still holds their rows
         shutil.rmtree(self._staging, ignore_errors=True)
@@ -124,7 +125,7 @@ class ParquetWriter:
         folder = self.data_dir / partition_dir(table, day, contract)
         path = folder / file_name(first_seq, last_seq)
         # encode_contract already makes this impossible; a second, independent check is cheap
-        if not path.resolve().is_relative_to(self.data_dir):
+        if not os.path.normpath(path).startswith(self._root):
             raise StorageError(f"partition path escapes the data directory: {path}")
         return path
 

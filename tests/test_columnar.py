@@ -19,6 +19,7 @@ from recorder.flatten import plain_frame
 from recorder.pipeline import Pipeline
 from recorder.schema import TABLES
 from recorder.simdata import FeedVariants, Market, Subscription, make_contracts
+from tests.conftest import make_config, record_until
 
 TEHRAN = ZoneInfo("Asia/Tehran")
 START = datetime(2026, 3, 20, 20, 0, tzinfo=UTC)  # 23:30 in Tehran: the local date changes
@@ -191,3 +192,21 @@ def test_partitions_cut_big_partitions_between_frames() -> None:
         (("best_limit", "2026-01-01", "B"), 1, 1, 3),
     ]
     assert ordered.column("level").to_pylist()[:5] == [1, 2, 3, 1, 2]
+
+
+def test_readers_pause_while_memory_is_full_and_nothing_is_lost(
+    simulator: Any, tmp_path: Path
+) -> None:
+    """With max_buffered_rows tiny, the readers stop and wait for flushes (TCP holds the
+    server back), and every frame sent is still stored exactly once."""
+    sim = simulator(contracts=6, rate=0, max_messages=4000, fast=True, keep_sent=True)
+    storage = {"flush_interval_seconds": 60.0, "max_buffered_rows": 400, "fsync": False}
+    config = make_config(sim, tmp_path / "data", storage=storage)
+    rec = record_until(config, lambda r: r.pipeline.stats.frames >= 4000, timeout=60)
+
+    assert rec.pipeline.stats.pauses >= 3
+    con = recorder.connect(tmp_path / "data")
+    stream = "WHERE source = 'stream'"
+    counts = con.execute(f"SELECT count(*), count(DISTINCT seq) FROM aggregate {stream}")
+    assert counts.fetchone() == (4000, 4000)
+    assert rec.pipeline.stats.flushes >= 3
