@@ -214,18 +214,22 @@ def batches_to_parts(batches: Iterable[Batch]) -> dict[str, pa.Table]:
 
 
 def partitions(table: Table, rows: pa.Table, max_rows: int) -> tuple[pa.Table, list[Part]]:
-    """Sort ``rows`` (parts schema) by partition and seq, and cut them into files.
+    """Group ``rows`` (parts schema) by partition, in seq order within each (rows of one seq
+    keep their order), and cut them into files.
 
     A partition holds one file per flush unless it has more than ``max_rows`` rows; a cut
     never falls inside one frame's rows (recovery relies on it: see recorder.recovery).
     """
-    rows = rows.sort_by([(DATE, "ascending"), (CONTRACT, "ascending"), ("seq", "ascending")])
     n = rows.num_rows
     if n == 0:
         return rows, []
+    # group by integer codes (hashing, then one numpy lexsort) rather than sort strings
     date = rows.column(DATE).combine_chunks().dictionary_encode().indices.to_numpy()
     contract = pc.fill_null(rows.column(CONTRACT), "").combine_chunks()
     codes = contract.dictionary_encode().indices.to_numpy()
+    order = np.lexsort((np.arange(n), rows.column("seq").to_numpy(), codes, date))
+    rows = rows.take(pa.array(order))
+    date, codes = date[order], codes[order]
     seq = rows.column("seq").to_numpy()
     change = np.flatnonzero((date[1:] != date[:-1]) | (codes[1:] != codes[:-1])) + 1
     starts = [0, *change.tolist()]

@@ -59,7 +59,7 @@ class StorageConfig(_Section, frozen=True):
     partition_timezone: str = "Asia/Tehran"
     max_rows_per_file: int = 250_000
     max_buffered_rows: int = 2_000_000
-    compression_level: int = 3
+    compression_level: int = 1  # of flushed files; compaction rewrites them at level 19
     fsync: bool = True
 
 

@@ -120,6 +120,8 @@ class Pipeline:
         self._parts_min_seq: int | None = None
         self._parts_since: float | None = None
         self._in_flight_min_seq: int | None = None  # taken by a decode or flush under way
+        self._in_flight_rows = 0
+        self._last_flush_seconds = 0.0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet-writer")
         self.journal: Journal | None = None
         if journal is not None and journal.enabled:
@@ -151,7 +153,7 @@ class Pipeline:
     @property
     def rows_buffered(self) -> int:
         """Rows in memory waiting for a flush (a frame not decoded yet counts as one)."""
-        return self._buffer.rows + self._parts_rows + len(self._frames)
+        return self._buffer.rows + self._parts_rows + len(self._frames.seq) + self._in_flight_rows
 
     # ------------------------------------------------------------------ hot path
 
@@ -433,8 +435,11 @@ class Pipeline:
                     await asyncio.wait_for(self._stopping.wait(), backoff)
 
     def _due(self, now: float) -> bool:
-        """A flush is due when any row has waited flush_interval or memory holds too many."""
-        deadline = now - self.storage.flush_interval_seconds
+        """A flush is due when memory holds too many rows, or early enough that the oldest row
+        is visible flush_interval after it came (a flush starts ahead by the last one's
+        duration, at most half the interval)."""
+        interval = self.storage.flush_interval_seconds
+        deadline = now - interval + min(self._last_flush_seconds, interval / 2)
         return (
             bool(self._buffer.due(now))
             or self.rows_buffered >= self.storage.max_buffered_rows
@@ -447,12 +452,12 @@ class Pipeline:
     async def _decode_frames(self) -> None:
         """Decode the plain frames received so far into Arrow rows (in the writer thread)."""
         frames, self._frames = self._frames, FrameBatch()
-        self._in_flight_min_seq = frames.first_seq
+        self._in_flight_min_seq, self._in_flight_rows = frames.first_seq, len(frames.seq)
         try:
             loop = asyncio.get_running_loop()
             tables = await loop.run_in_executor(self._pool, self._decode, frames)
         finally:
-            self._in_flight_min_seq = None
+            self._in_flight_min_seq, self._in_flight_rows = None, 0
         self._keep(
             {name: [rows] for name, rows in tables.items()}, frames.started or time.monotonic()
         )
@@ -500,9 +505,12 @@ class Pipeline:
         parts, self._parts = self._parts, {}
         floors = [self._buffer_floor(batches), frames.first_seq, self._parts_min_seq]
         self._in_flight_min_seq = min((f for f in floors if f is not None), default=None)
+        self._in_flight_rows = (
+            sum(len(b.rows) for b in batches) + len(frames.seq) + self._parts_rows
+        )
         self._parts_rows, self._parts_min_seq, self._parts_since = 0, None, None
         if not (batches or len(frames) or parts):
-            self._in_flight_min_seq = None
+            self._in_flight_min_seq, self._in_flight_rows = None, 0
             return True
         started = time.monotonic()
         loop = asyncio.get_running_loop()
@@ -511,7 +519,7 @@ class Pipeline:
                 self._pool, self._write, batches, frames, parts
             )
         finally:
-            self._in_flight_min_seq = None
+            self._in_flight_min_seq, self._in_flight_rows = None, 0
         for file in written:
             self.stats.rows_written[file.table] += file.rows
             self.stats.bytes_written += file.bytes
@@ -521,6 +529,7 @@ class Pipeline:
         if failed:
             self._keep(failed, time.monotonic())
         self._check_pressure()
+        self._last_flush_seconds = time.monotonic() - started
         if error is None:
             self._release_journal()
             self._failures = 0

@@ -110,10 +110,12 @@ class ParquetWriter:
         self._staging = self.data_dir / STATE_DIR / WRITING_DIR
         # files a crash left here were never visible; the journal still holds their rows
         shutil.rmtree(self._staging, ignore_errors=True)
+        # a flush writes many small files that compaction rewrites for size: dictionaries
+        # cost more than they save at this size
         self._options = ds.ParquetFileFormat().make_write_options(
             compression="zstd",
             compression_level=compression_level,
-            use_dictionary=True,
+            use_dictionary=False,
             write_statistics=True,
         )
 

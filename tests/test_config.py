@@ -72,7 +72,7 @@ def test_shipped_file_gives_the_documented_values() -> None:
             partition_timezone="Asia/Tehran",
             max_rows_per_file=250_000,
             max_buffered_rows=2_000_000,
-            compression_level=3,
+            compression_level=1,
             fsync=True,
         ),
         log=LogConfig(level="info", format="auto"),
