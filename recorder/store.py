@@ -3,7 +3,10 @@
 :class:`Store` reads a data directory without the recorder running. Every request builds its
 file list from the partition folders (``{table}/date=.../contract=...``) of the contracts and
 dates asked for, so a one-contract one-day request opens the same files whatever else the
-store holds; DuckDB then runs the views of ``schemas/views.sql`` over just those files.
+store holds; DuckDB then runs the views of ``schemas/views.sql`` over just those files. The
+files are listed again for every request (a file the recorder writes meanwhile is read by
+the next one); the DuckDB database and its views are made once per Store (see
+:class:`~recorder.storesql.Database`), and a Store may serve requests from several threads.
 
 Times (``start``, ``end``, ``ts``) are ``datetime`` (naive means UTC), ``date`` (midnight
 UTC) or ISO 8601 text; ranges are half-open, ``[start, end)``, on ``exchange_ts``.
@@ -15,29 +18,35 @@ import heapq
 import importlib
 import itertools
 import os
-from collections.abc import Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from datetime import date, datetime, timedelta, tzinfo
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from recorder.catalog import derived_views
+from recorder.catalog import SCHEMAS
 from recorder.flatten import Extra, Row, to_message
-from recorder.paths import decode_contract, partition_dir
+from recorder.paths import decode_contract, encode_contract, partition_dir
 from recorder.schema import DATA_TABLES, TABLES
 from recorder.storesql import (
     SNAPSHOT,
+    Database,
+    Files,
+    Part,
     TimeLike,
     contract_filter,
+    fork,
     frames,
+    lacking,
+    recoverable,
     sql_text,
     table_query,
     time_filter,
     to_utc,
-    view_sql,
 )
 
 Contracts = str | Iterable[str] | None
@@ -49,6 +58,11 @@ _ONE_US = timedelta(microseconds=1)
 #: tables read whole whatever the request: the sessions and gaps views need all of them
 _WHOLE = ("session_log", "rejections")
 _REPLAY_TABLES = (*DATA_TABLES, "extras")
+#: as-of: the look-backs tried first, each for the contracts the previous one did not find
+#: (a busy contract is found in the last minute; the rows of the rest are left unread)
+_ASOF_LOOKBACKS = (timedelta(minutes=1), timedelta(hours=1))
+
+T = TypeVar("T")
 
 
 def _contract_list(contracts: Contracts) -> list[str] | None:
@@ -75,6 +89,14 @@ def _day(name: str) -> date | None:
         return None
 
 
+def _without(files: list[Path], contracts: set[str]) -> list[Path]:
+    """``files`` minus those in a partition folder of one of ``contracts``."""
+    if not contracts:
+        return files
+    folders = {f"contract={encode_contract(c)}" for c in contracts}
+    return [f for f in files if f.parent.name not in folders]
+
+
 class Store:
     """A data directory opened for reading (the recorder may be writing to it meanwhile).
 
@@ -90,6 +112,20 @@ class Store:
             raise FileNotFoundError(f"no such data directory: {self.data_dir}")
         tz = partition_timezone
         self.partition_timezone: tzinfo | None = ZoneInfo(tz) if isinstance(tz, str) else tz
+        self._database = Database()
+
+    def close(self) -> None:
+        """Close the Store's DuckDB database (and every connection :meth:`connect` gave).
+
+        A later request opens it again.
+        """
+        self._database.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ partitions
 
@@ -161,8 +197,10 @@ class Store:
     def _date_dir(self, table: str, day: date) -> Path:
         return self.data_dir / partition_dir(table, day.isoformat(), None)
 
-    def _asof_files(self, table: str, contracts: list[str] | None, ts: datetime) -> list[Path]:
-        """Files that can hold each contract's last row at or before ``ts``.
+    def _asof_files(
+        self, table: str, contracts: list[str] | None, ts: datetime, found: set[str]
+    ) -> list[Path]:
+        """Files that can hold the last row at or before ``ts`` of each contract not ``found``.
 
         Date folders before ``low`` hold only rows before ``ts``, so per contract the latest
         such folder is enough; the folders from ``low`` to ``high`` may hold rows on either side.
@@ -171,14 +209,17 @@ class Store:
         days = [d for d in self._dates(table) if d <= high]
         names = contracts
         if names is None:
-            found = {
-                decode_contract(p.name[len("contract=") :])
-                for d in days
-                for p in self._contract_dirs(table, d, None)
-            }
-            names = sorted(found)
+            names = sorted(
+                {
+                    decode_contract(p.name[len("contract=") :])
+                    for d in days
+                    for p in self._contract_dirs(table, d, None)
+                }
+            )
         out: list[Path] = []
         for contract in names:
+            if contract in found:
+                continue
             for day in reversed(days):
                 files = _visible(self.data_dir / partition_dir(table, day.isoformat(), contract))
                 out.extend(files)
@@ -207,18 +248,54 @@ class Store:
 
         The data tables hold whole partitions (rows outside ``[start, end)`` included): filter
         on ``exchange_ts`` as well. ``sessions``, ``gaps`` and their tables are always whole.
+        The connection is a cursor of the Store's database and its table views are its own
+        (temporary): close it when done; a ``cursor()`` of it does not see them.
         """
-        files = {name: self.files(name, contracts, start, end) for name in TABLES}
+        files = self._request(TABLES, contracts, start, end)
+        probe = self._database.cursor({})  # its footer cache is the database's
+        try:  # which files lack a column is known before: the caller's SQL cannot be retried
+            for name, listed in files.items():
+                SCHEMAS.check(TABLES[name], listed, probe)
+        finally:
+            probe.close()
         return self._connect(files)
 
-    def _connect(self, files: dict[str, list[Path]]) -> duckdb.DuckDBPyConnection:
-        con = duckdb.connect(":memory:")
-        con.execute("SET TimeZone = 'UTC'")
-        for name, table in TABLES.items():
-            con.execute(view_sql(table, files.get(name, [])))
-        for statement in derived_views():
-            con.execute(statement)
-        return con
+    def _request(
+        self,
+        tables: Iterable[str],
+        contracts: Contracts = None,
+        start: TimeLike | None = None,
+        end: TimeLike | None = None,
+    ) -> Files:
+        return {name: self.files(name, contracts, start, end) for name in tables}
+
+    def _connect(self, files: Files) -> duckdb.DuckDBPyConnection:
+        """A connection whose table views read exactly ``files`` (see :class:`Database`)."""
+        return self._database.cursor(files)
+
+    def _query(
+        self, request: Callable[[], Files], work: Callable[[Any], T], files: Files | None = None
+    ) -> T:
+        """``work`` on a connection over the files ``request`` lists (or ``files``, listed).
+
+        Tried again (at most twice) when it failed because a file lacked a column (it is
+        then read with ``union_by_name``, see :class:`recorder.catalog.FileSchemas`) or was
+        removed by a compaction after it was listed (the files are listed again).
+        """
+        for attempt in range(3):
+            files = request() if files is None else files
+            known = lacking(files)
+            try:
+                con = self._connect(files)
+                try:
+                    return work(con)
+                finally:
+                    con.close()
+            except duckdb.Error:
+                if attempt == 2 or not recoverable(files, known):
+                    raise
+            files = None
+        raise AssertionError("unreachable")
 
     def table(
         self,
@@ -234,16 +311,16 @@ class Store:
         overlaps the range and, with ``contracts``, what concerns them.
         """
         chosen = _contract_list(contracts)
-        con = self.connect(chosen, start, end)
-        try:
+
+        def work(con: duckdb.DuckDBPyConnection) -> pa.Table:
             views = {row[0] for row in con.sql("SELECT view_name FROM duckdb_views()").fetchall()}
             if name not in views:
                 raise KeyError(f"no table or view named {name!r}")
             columns = [d[0] for d in con.sql(f"SELECT * FROM {name} LIMIT 0").description]
             sql, params = table_query(name, columns, chosen, start, end)
             return con.sql(sql, params=params).to_arrow_table()
-        finally:
-            con.close()
+
+        return self._query(lambda: self._request(TABLES, chosen, start, end), work)
 
     def polars(
         self,
@@ -274,36 +351,69 @@ class Store:
         aligned in ``tz``. Ordered by contract and ``bar_start``.
         """
         chosen = _contract_list(contracts)
-        con = self.connect(chosen, start, end)
-        try:
-            since = None if start is None else to_utc(start)
-            until = None if end is None else to_utc(end)
-            where, params = contract_filter(chosen)
-            sql = (
-                "SELECT * FROM bars(?::INTERVAL, tz := ?, since := ?::TIMESTAMPTZ, "
-                f"until := ?::TIMESTAMPTZ) {where} ORDER BY contract, bar_start"
-            )
-            return con.sql(sql, params=[interval, tz, since, until, *params]).to_arrow_table()
-        finally:
-            con.close()
+        since = None if start is None else to_utc(start)
+        until = None if end is None else to_utc(end)
+        where, params = contract_filter(chosen)
+        sql = (
+            "SELECT * FROM bars(?::INTERVAL, tz := ?, since := ?::TIMESTAMPTZ, "
+            f"until := ?::TIMESTAMPTZ) {where} ORDER BY contract, bar_start"
+        )
+        return self._query(
+            lambda: self._request(["aggregate"], chosen, start, end),
+            lambda con: con.sql(sql, params=[interval, tz, since, until, *params]).to_arrow_table(),
+        )
 
     def asof(self, ts: TimeLike, contracts: Contracts = None) -> pa.Table:
         """The ``asof_state`` of each contract at ``ts``: its last message at or before it.
 
-        Reads, per contract, the date folders around ``ts`` and the latest one before them,
-        however long ago that was, never the whole history.
+        Looks back a minute, then an hour, for the contracts not found yet, then reads, per
+        contract still not found, the date folders around ``ts`` and the latest one before
+        them, however long ago that was, never the whole history. Within a look-back the
+        last message of a contract found is its last one at all, so the answer is exact.
         """
         at = to_utc(ts)
         chosen = _contract_list(contracts)
-        files = {name: self._asof_files(name, chosen, at) for name in DATA_TABLES}
-        files.update({name: self.files(name) for name in _WHOLE})
-        con = self._connect(files)
-        try:
-            where, params = contract_filter(chosen)
-            sql = f"SELECT * FROM asof_state(?::TIMESTAMPTZ) {where} ORDER BY contract"
-            return con.sql(sql, params=[at, *params]).to_arrow_table()
-        finally:
-            con.close()
+        parts: list[pa.Table] = []
+        found: set[str] = set()
+        for lookback in (*_ASOF_LOOKBACKS, None):
+            if chosen is not None and found.issuperset(chosen):
+                break
+            part = self._asof_step(at, chosen, found, lookback)
+            if part is None:
+                continue
+            if found:  # a layout that cannot leave a contract's files out returns it again
+                part = part.filter(pc.invert(pc.is_in(part["contract"], pa.array(sorted(found)))))
+            parts.append(part)
+            found.update(part["contract"].to_pylist())
+        if len(parts) == 1:
+            return parts[0]
+        if parts:
+            return pa.concat_tables(parts).sort_by("contract")
+        sql = "SELECT * FROM asof_state(?::TIMESTAMPTZ)"
+        return self._query(dict, lambda con: con.sql(sql, params=[at]).to_arrow_table())
+
+    def _asof_step(
+        self, at: datetime, chosen: list[str] | None, found: set[str], lookback: timedelta | None
+    ) -> pa.Table | None:
+        """``asof_state`` of the contracts not ``found``; None when no file can hold one."""
+        wanted = None if chosen is None else [c for c in chosen if c not in found]
+
+        def request() -> Files:
+            if lookback is None:
+                return {n: self._asof_files(n, wanted, at, found) for n in DATA_TABLES}
+            listed = self._request(DATA_TABLES, wanted, at - lookback, at + _ONE_US)
+            return {n: _without(files, found) for n, files in listed.items()}
+
+        files = request()
+        if not any(files.values()):
+            return None
+        where, params = contract_filter(wanted)
+        sql = (
+            "SELECT * FROM asof_state(?::TIMESTAMPTZ, lookback := ?::INTERVAL) "
+            f"{where} ORDER BY contract"
+        )
+        params = [at, lookback, *params]
+        return self._query(request, lambda con: con.sql(sql, params=params).to_arrow_table(), files)
 
     # ------------------------------------------------------------------ replay
 
@@ -315,29 +425,26 @@ class Store:
     ) -> int:
         """How many messages :meth:`replay` yields for the same arguments."""
         chosen = _contract_list(contracts)
-        con = self.connect(chosen, start, end)
-        try:
-            where, params = time_filter(start, end)
-            where.append(f"source IS DISTINCT FROM {sql_text(SNAPSHOT)}")
-            union = " UNION ALL ".join(
-                f"SELECT seq FROM {name} WHERE {' AND '.join(where)}" for name in _REPLAY_TABLES
-            )
-            sql = f"SELECT count(DISTINCT seq) FROM ({union})"
+        where, params = time_filter(start, end)
+        where.append(f"source IS DISTINCT FROM {sql_text(SNAPSHOT)}")
+        union = " UNION ALL ".join(
+            f"SELECT seq FROM {name} WHERE {' AND '.join(where)}" for name in _REPLAY_TABLES
+        )
+        sql = f"SELECT count(DISTINCT seq) FROM ({union})"
+
+        def work(con: duckdb.DuckDBPyConnection) -> int:
             row = con.execute(sql, params * len(_REPLAY_TABLES)).fetchone()
             return int(row[0]) if row else 0
-        finally:
-            con.close()
+
+        return self._query(lambda: self._request(_REPLAY_TABLES, chosen, start, end), work)
 
     def id_keys(self) -> dict[str, str]:
         """``contractName`` for each contract recorded only through the name endpoint."""
-        con = self._connect({name: self.files(name) for name in _WHOLE})
-        try:
-            rows = con.sql(
-                "SELECT contract, bool_and(endpoint LIKE '%/contract/name') FROM "
-                "(SELECT unnest(contracts) AS contract, endpoint FROM session_log) GROUP BY 1"
-            ).fetchall()
-        finally:
-            con.close()
+        sql = (
+            "SELECT contract, bool_and(endpoint LIKE '%/contract/name') FROM "
+            "(SELECT unnest(contracts) AS contract, endpoint FROM session_log) GROUP BY 1"
+        )
+        rows = self._query(lambda: self._request(_WHOLE), lambda con: con.sql(sql).fetchall())
         return {contract: "contractName" for contract, by_name in rows if by_name}
 
     def replay(
@@ -379,14 +486,8 @@ class Store:
         """:meth:`replay` with each message's ``exchange_ts`` in microseconds since the epoch."""
         chosen = _contract_list(contracts)
         keys = {} if id_key is not None else self.id_keys()
-        files = {name: self.files(name, chosen, start, end) for name in TABLES}
-        con = self._connect(files)
+        opened, streams = self._frames(chosen, start, end, snapshots)
         try:
-            streams = [
-                frames(name, con.cursor(), start, end, snapshots)
-                for name in _REPLAY_TABLES
-                if files[name]
-            ]
             merged = heapq.merge(*streams, key=lambda part: (part[0], part[1]))
             for (us, _), parts in itertools.groupby(merged, key=lambda p: (p[0], p[1])):
                 rows: dict[str, Sequence[Row]] = {}
@@ -401,4 +502,42 @@ class Store:
                 key = id_key or keys.get(contract, "contractId")
                 yield us, to_message(contract, us, rows, extras, id_key=key)
         finally:
-            con.close()
+            for con in reversed(opened):
+                con.close()
+
+    def _frames(
+        self,
+        chosen: list[str] | None,
+        start: TimeLike | None,
+        end: TimeLike | None,
+        snapshots: bool,
+    ) -> tuple[list[duckdb.DuckDBPyConnection], list[Iterator[Part]]]:
+        """Each replayed table's :func:`~recorder.storesql.frames`, started, and the
+        connections they read from (to close).
+
+        Starting a table's frames runs its query to its first row; its ``ORDER BY`` reads
+        every file first, so a query that fails for a file (see :meth:`_query`) fails here,
+        before any message is yielded, and is tried again.
+        """
+        for attempt in range(3):
+            files = self._request(_REPLAY_TABLES, chosen, start, end)
+            known = lacking(files)
+            opened: list[duckdb.DuckDBPyConnection] = []
+            try:
+                opened.append(self._connect(files))
+                streams: list[Iterator[Part]] = []
+                for name in _REPLAY_TABLES:
+                    if not files[name]:
+                        continue
+                    opened.append(fork(opened[0], name))
+                    stream = frames(name, opened[-1], start, end, snapshots)
+                    first = next(stream, None)
+                    if first is not None:
+                        streams.append(itertools.chain([first], stream))
+                return opened, streams
+            except duckdb.Error:
+                for con in reversed(opened):
+                    con.close()
+                if attempt == 2 or not recoverable(files, known):
+                    raise
+        raise AssertionError("unreachable")

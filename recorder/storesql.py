@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -9,12 +10,15 @@ from typing import Any
 
 import duckdb
 
+from recorder.catalog import SCHEMAS, derived_views, empty_view_sql, read_sql
 from recorder.flatten import Row
 from recorder.pipeline import SOURCE_SNAPSHOT
 from recorder.schema import TABLES, Table
 
 SNAPSHOT = SOURCE_SNAPSHOT  # the `source` of a message fetched as a live overview
 TimeLike = datetime | date | str
+#: the files a request reads, per table
+Files = dict[str, list[Path]]
 _BATCH_ROWS = 8192
 
 
@@ -32,19 +36,90 @@ def sql_text(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def view_sql(table: Table, files: list[Path]) -> str:
+def view_sql(
+    table: Table, files: list[Path], union_by_name: bool = False, temporary: bool = False
+) -> str:
     """A view of ``table`` over exactly ``files`` (the catalog's view, minus the glob)."""
     if not files:
-        empty = ", ".join(f"NULL::{c.type} AS {c.name}" for c in table.columns)
-        return f"CREATE OR REPLACE VIEW {table.name} AS SELECT {empty} WHERE false"
-    columns = ", ".join(f"{c.name}::{c.type} AS {c.name}" for c in table.columns)
-    hive_types = "{'date': 'DATE'" + (", 'contract': 'VARCHAR'}" if table.by_contract else "}")
+        return empty_view_sql(table, temporary)
     listing = "[" + ", ".join(sql_text(str(f)) for f in files) + "]"
-    source = (
-        f"read_parquet({listing}, hive_partitioning = true, hive_types = {hive_types}, "
-        "union_by_name = true)"
-    )
-    return f"CREATE OR REPLACE VIEW {table.name} AS SELECT {columns} FROM {source}"
+    kind = "TEMP VIEW" if temporary else "VIEW"
+    return f"CREATE OR REPLACE {kind} {table.name} AS {read_sql(table, listing, union_by_name)}"
+
+
+class Database:
+    """The DuckDB database of one :class:`~recorder.store.Store`, opened at its first request.
+
+    Its settings and the derived views of ``schemas/views.sql`` are made once (~40 ms); a
+    request then takes a cursor and binds only its table views, as temporary views: the
+    cursor's own, so that requests in other threads, each on its own cursor, read theirs.
+    A table without files keeps the database's empty view. Parquet footers are cached by
+    the database (a file is never rewritten in place), so files read again are not parsed
+    again; the files themselves are listed by each request, so new files are read.
+    """
+
+    def __init__(self) -> None:
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._lock = threading.Lock()
+
+    def cursor(self, files: Files) -> duckdb.DuckDBPyConnection:
+        """A connection whose table views read exactly ``files`` (close it when done)."""
+        with self._lock:
+            if self._con is None:
+                con = duckdb.connect(":memory:")
+                con.execute("SET GLOBAL TimeZone = 'UTC'")
+                con.execute("SET GLOBAL parquet_metadata_cache = true")
+                for table in TABLES.values():
+                    con.execute(empty_view_sql(table))
+                for statement in derived_views():
+                    con.execute(statement)
+                self._con = con
+            cursor = self._con.cursor()
+        try:
+            for name, listed in files.items():
+                if listed:
+                    union = SCHEMAS.lacking(listed)
+                    cursor.execute(view_sql(TABLES[name], listed, union, temporary=True))
+        except BaseException:
+            cursor.close()
+            raise
+        return cursor
+
+    def close(self) -> None:
+        with self._lock:
+            con, self._con = self._con, None
+        if con is not None:
+            con.close()
+
+
+def lacking(files: Files) -> dict[str, bool]:
+    """Per table, whether one of its ``files`` is known to lack a column."""
+    return {name: SCHEMAS.lacking(listed) for name, listed in files.items()}
+
+
+def recoverable(files: Files, known: dict[str, bool]) -> bool:
+    """Whether a query over ``files`` that failed may succeed when tried again: a file is
+    gone (compacted away: list again) or a table has a file that lacks a column and was not
+    read as such (``known``, from :func:`lacking` before the query; read its footers now)."""
+    if any(not f.exists() for listed in files.values() for f in listed):
+        return True
+    newly = [  # every table's, so that one more try reads all of them as they are
+        bool(listed) and not known.get(name) and SCHEMAS.check(TABLES[name], listed)
+        for name, listed in files.items()
+    ]
+    return any(newly)
+
+
+def fork(con: duckdb.DuckDBPyConnection, name: str) -> duckdb.DuckDBPyConnection:
+    """Another connection to ``con``'s database (to stream a second result at the same
+    time) that sees what ``con`` sees as ``name``, its temporary view included."""
+    cursor = con.cursor()
+    row = con.execute(
+        "SELECT sql FROM duckdb_views() WHERE temporary AND view_name = ?", [name]
+    ).fetchone()
+    if row is not None:
+        cursor.execute(row[0])
+    return cursor
 
 
 def contract_filter(contracts: list[str] | None, column: str = "contract") -> tuple[str, list[Any]]:

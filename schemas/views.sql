@@ -194,57 +194,110 @@ FROM grouped;
 -- message's best levels (as in top_of_book), Aggregate, AllowedPriceRange and ContractInfo;
 -- a section the message did not carry is NULL. `lookback` (an INTERVAL) ignores messages
 -- older than at_ts - lookback and reads only the date partitions that can hold the rest.
+-- Each table is read once and reduced per contract with arg_max (no sort, no per-message
+-- grouping of the book): `key` orders messages by (exchange_ts, seq), and seq is one per
+-- message, so rows of the same message have the same key.
 CREATE OR REPLACE MACRO asof_state(at_ts, lookback := NULL) AS TABLE
-WITH b AS (
-    SELECT * FROM top_of_book
+WITH book AS (
+    SELECT contract, max({'exchange_ts': exchange_ts, 'seq': seq, 'date': date}) AS key,
+           arg_max({'seq': seq, 'buy_price': buy_price, 'buy_quantity': buy_quantity,
+                    'sell_price': sell_price, 'sell_quantity': sell_quantity},
+                   {'exchange_ts': exchange_ts, 'seq': seq}) FILTER (WHERE level = 1) AS l1,
+           arg_max({'seq': seq, 'buy_price': buy_price, 'buy_quantity': buy_quantity,
+                    'sell_price': sell_price, 'sell_quantity': sell_quantity},
+                   {'exchange_ts': exchange_ts, 'seq': seq}) FILTER (WHERE level = 2) AS l2,
+           arg_max({'seq': seq, 'buy_price': buy_price, 'buy_quantity': buy_quantity,
+                    'sell_price': sell_price, 'sell_quantity': sell_quantity},
+                   {'exchange_ts': exchange_ts, 'seq': seq}) FILTER (WHERE level = 3) AS l3
+    FROM best_limit
     WHERE exchange_ts <= at_ts AND date <= CAST(at_ts AS DATE) + 1
       AND (lookback IS NULL OR (exchange_ts >= at_ts - lookback
                                 AND date >= CAST(at_ts - lookback AS DATE) - 1))
-    QUALIFY row_number() OVER (PARTITION BY contract ORDER BY exchange_ts DESC, seq DESC) = 1
+    GROUP BY contract
+),
+-- a level's side as top_of_book shows it: NULL unless the level is in the book's last message
+-- and the side is not empty (price 0 and quantity 0)
+b AS (
+    SELECT contract, key,
+           CASE WHEN l1.seq = key.seq AND l1.buy_price <> 0 AND l1.buy_quantity <> 0
+                THEN l1 END AS bid1,
+           CASE WHEN l2.seq = key.seq AND l2.buy_price <> 0 AND l2.buy_quantity <> 0
+                THEN l2 END AS bid2,
+           CASE WHEN l3.seq = key.seq AND l3.buy_price <> 0 AND l3.buy_quantity <> 0
+                THEN l3 END AS bid3,
+           CASE WHEN l1.seq = key.seq AND l1.sell_price <> 0 AND l1.sell_quantity <> 0
+                THEN l1 END AS ask1,
+           CASE WHEN l2.seq = key.seq AND l2.sell_price <> 0 AND l2.sell_quantity <> 0
+                THEN l2 END AS ask2,
+           CASE WHEN l3.seq = key.seq AND l3.sell_price <> 0 AND l3.sell_quantity <> 0
+                THEN l3 END AS ask3
+    FROM book
 ),
 a AS (
-    SELECT * FROM aggregate
+    SELECT contract, max({'exchange_ts': exchange_ts, 'seq': seq, 'date': date}) AS key,
+           arg_max({'trade_date': trade_date, 'trade_time': trade_time,
+                    'trade_count': trade_count, 'total_volume': total_volume,
+                    'total_value': total_value, 'closing_price': closing_price,
+                    'last_price': last_price, 'low_price': low_price, 'high_price': high_price,
+                    'open_price': open_price, 'previous_close': previous_close},
+                   {'exchange_ts': exchange_ts, 'seq': seq}) AS row
+    FROM aggregate
     WHERE exchange_ts <= at_ts AND date <= CAST(at_ts AS DATE) + 1
       AND (lookback IS NULL OR (exchange_ts >= at_ts - lookback
                                 AND date >= CAST(at_ts - lookback AS DATE) - 1))
-    QUALIFY row_number() OVER (PARTITION BY contract ORDER BY exchange_ts DESC, seq DESC) = 1
+    GROUP BY contract
 ),
 p AS (
-    SELECT * FROM allowed_price_range
+    SELECT contract, max({'exchange_ts': exchange_ts, 'seq': seq, 'date': date}) AS key,
+           arg_max({'min_allowed_price': min_allowed_price,
+                    'max_allowed_price': max_allowed_price},
+                   {'exchange_ts': exchange_ts, 'seq': seq}) AS row
+    FROM allowed_price_range
     WHERE exchange_ts <= at_ts AND date <= CAST(at_ts AS DATE) + 1
       AND (lookback IS NULL OR (exchange_ts >= at_ts - lookback
                                 AND date >= CAST(at_ts - lookback AS DATE) - 1))
-    QUALIFY row_number() OVER (PARTITION BY contract ORDER BY exchange_ts DESC, seq DESC) = 1
+    GROUP BY contract
 ),
 c AS (
-    SELECT * FROM contract_info
+    SELECT contract, max({'exchange_ts': exchange_ts, 'seq': seq, 'date': date}) AS key,
+           arg_max({'open_interest': open_interest,
+                    'open_interest_changes': open_interest_changes},
+                   {'exchange_ts': exchange_ts, 'seq': seq}) AS row
+    FROM contract_info
     WHERE exchange_ts <= at_ts AND date <= CAST(at_ts AS DATE) + 1
       AND (lookback IS NULL OR (exchange_ts >= at_ts - lookback
                                 AND date >= CAST(at_ts - lookback AS DATE) - 1))
-    QUALIFY row_number() OVER (PARTITION BY contract ORDER BY exchange_ts DESC, seq DESC) = 1
+    GROUP BY contract
 ),
 last AS (
-    SELECT contract, date, exchange_ts, seq FROM (
-        SELECT contract, date, exchange_ts, seq FROM b
-        UNION ALL SELECT contract, date, exchange_ts, seq FROM a
-        UNION ALL SELECT contract, date, exchange_ts, seq FROM p
-        UNION ALL SELECT contract, date, exchange_ts, seq FROM c
+    SELECT contract, max(key) AS key FROM (
+        SELECT contract, key FROM b
+        UNION ALL SELECT contract, key FROM a
+        UNION ALL SELECT contract, key FROM p
+        UNION ALL SELECT contract, key FROM c
     )
-    QUALIFY row_number() OVER (PARTITION BY contract ORDER BY exchange_ts DESC, seq DESC) = 1
+    GROUP BY contract
 )
-SELECT last.contract, last.date, last.exchange_ts, last.seq,
-       b.bid_price_1, b.bid_quantity_1, b.bid_price_2, b.bid_quantity_2,
-       b.bid_price_3, b.bid_quantity_3, b.ask_price_1, b.ask_quantity_1,
-       b.ask_price_2, b.ask_quantity_2, b.ask_price_3, b.ask_quantity_3, b.mid, b.spread,
-       a.trade_date, a.trade_time, a.trade_count, a.total_volume, a.total_value,
-       a.closing_price, a.last_price, a.low_price, a.high_price, a.open_price,
-       a.previous_close, p.min_allowed_price, p.max_allowed_price,
-       c.open_interest, c.open_interest_changes
+SELECT last.contract, last.key.date AS date, last.key.exchange_ts AS exchange_ts,
+       last.key.seq AS seq,
+       b.bid1.buy_price AS bid_price_1, b.bid1.buy_quantity AS bid_quantity_1,
+       b.bid2.buy_price AS bid_price_2, b.bid2.buy_quantity AS bid_quantity_2,
+       b.bid3.buy_price AS bid_price_3, b.bid3.buy_quantity AS bid_quantity_3,
+       b.ask1.sell_price AS ask_price_1, b.ask1.sell_quantity AS ask_quantity_1,
+       b.ask2.sell_price AS ask_price_2, b.ask2.sell_quantity AS ask_quantity_2,
+       b.ask3.sell_price AS ask_price_3, b.ask3.sell_quantity AS ask_quantity_3,
+       (b.bid1.buy_price + b.ask1.sell_price) / 2 AS mid,
+       b.ask1.sell_price - b.bid1.buy_price AS spread,
+       a.row.trade_date, a.row.trade_time, a.row.trade_count, a.row.total_volume,
+       a.row.total_value, a.row.closing_price, a.row.last_price, a.row.low_price,
+       a.row.high_price, a.row.open_price, a.row.previous_close,
+       p.row.min_allowed_price, p.row.max_allowed_price,
+       c.row.open_interest, c.row.open_interest_changes
 FROM last
-LEFT JOIN b ON b.contract = last.contract AND b.seq = last.seq
-LEFT JOIN a ON a.contract = last.contract AND a.seq = last.seq
-LEFT JOIN p ON p.contract = last.contract AND p.seq = last.seq
-LEFT JOIN c ON c.contract = last.contract AND c.seq = last.seq;
+LEFT JOIN b ON b.contract = last.contract AND b.key = last.key
+LEFT JOIN a ON a.contract = last.contract AND a.key = last.key
+LEFT JOIN p ON p.contract = last.contract AND p.key = last.key
+LEFT JOIN c ON c.contract = last.contract AND c.key = last.key;
 
 -- Reference data: one row per contract per date it was seen (the last fetch of that date).
 -- Maps names to ids, gives a contract's multiplier (csize) for PnL, lists what expires soon.

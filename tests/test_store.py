@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import importlib.util
 import re
+from concurrent.futures import ThreadPoolExecutor
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
+import recorder
 from recorder import Store
 from recorder.buffer import Batch
-from recorder.paths import partition_dir
-from recorder.writer import ParquetWriter
-from tests.test_views import aggregate, at, write_fixture
+from recorder.paths import file_name, partition_dir
+from recorder.schema import TABLES
+from recorder.writer import ParquetWriter, to_arrow
+from tests.test_views import DAY, aggregate, at, write_fixture
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -241,3 +245,159 @@ def test_readme_backtesting_examples_run(store: Store, capsys: pytest.CaptureFix
         "2026-05-30T06:01:10.000000Z 102.0",
         "2026-05-30T06:02:30.000000Z 98.0",
     ]
+
+
+def _quote(rows: list[dict[str, Any]], *names: str) -> list[tuple[Any, ...]]:
+    return [tuple(r[n] for n in names) for r in rows]
+
+
+def test_asof_looks_back_past_a_minute_and_an_hour_to_days_before(tmp_path: Path) -> None:
+    """Contracts last updated a second, half an hour and three days before are all found,
+    each with its own last message, as the SQL macro over every file finds them."""
+    writer = ParquetWriter(tmp_path, fsync=False)
+    instant = at(6, 0, 0, day=30)
+    updates = {  # contract: (seq, exchange_ts) of its messages, oldest first
+        "busy": [(20, instant - timedelta(days=1)), (21, instant - timedelta(seconds=1))],
+        "slow": [(30, instant - timedelta(minutes=30)), (31, instant + timedelta(seconds=1))],
+        "idle": [(40, instant - timedelta(days=3, hours=2)), (41, instant - timedelta(days=3))],
+        "late": [(50, instant + timedelta(minutes=5))],
+    }
+    for contract, messages in updates.items():
+        for seq, moment in messages:
+            day = (moment + timedelta(hours=3, minutes=30)).date()
+            rows = [aggregate(seq, moment, day, seq, seq, seq, seq, seq, seq, seq)]
+            writer.write(Batch(("aggregate", day.isoformat(), contract), rows))
+    store = Store(tmp_path, partition_timezone="Asia/Tehran")
+    state = store.asof(instant).to_pylist()
+    assert _quote(state, "contract", "seq", "exchange_ts", "date", "total_volume") == [
+        ("busy", 21, instant - timedelta(seconds=1), DAY, 21),
+        ("idle", 41, instant - timedelta(days=3), date(2026, 5, 27), 41),
+        ("slow", 30, instant - timedelta(minutes=30), DAY, 30),
+    ]
+    con = recorder.connect(tmp_path)
+    exact = con.sql("SELECT * FROM asof_state(?::TIMESTAMPTZ) ORDER BY contract", params=[instant])
+    assert state == exact.to_arrow_table().to_pylist()
+    assert store.asof(instant, ["late", "idle"]).column("seq").to_pylist() == [41]
+    assert store.asof(instant, ["late"]).num_rows == 0
+    assert store.asof(instant - timedelta(days=4)).num_rows == 0
+    assert Store(tmp_path).asof(instant).to_pylist() == state  # without the time zone
+
+
+def test_store_reuses_its_database_and_sees_files_written_after_it_opened(
+    tmp_path: Path,
+) -> None:
+    """Calls share one DuckDB database, yet each reads the files there are when it runs:
+    a file written since, in an existing or a new partition, is read; a removed one is not."""
+    write_fixture(tmp_path)
+    store = Store(tmp_path, partition_timezone="Asia/Tehran")
+    assert store.table("aggregate", "A").column("seq").to_pylist() == [1, 2, 3, 4, 5]
+    database = store._database._con
+    assert database is not None
+    writer = ParquetWriter(tmp_path, fsync=False)
+    written = [
+        ("A", 9, at(6, 4, 0)),  # the partition of A on the 30th gains a file
+        ("C", 10, at(6, 5, 0)),  # a new contract
+        ("A", 11, at(6, 0, 0, day=31)),  # a new date
+    ]
+    for contract, seq, moment in written:
+        local = (moment + timedelta(hours=3, minutes=30)).date()
+        rows = [aggregate(seq, moment, local, 6, 30, 3000, 97, 102, 97, 99)]
+        writer.write(Batch(("aggregate", local.isoformat(), contract), rows))
+    assert store.table("aggregate", "A").column("seq").to_pylist() == [1, 2, 3, 4, 5, 9, 11]
+    assert store.asof(at(11, 0, 0)).select(["contract", "seq"]).to_pylist() == [
+        {"contract": "A", "seq": 9},
+        {"contract": "B", "seq": 7},
+        {"contract": "C", "seq": 10},
+    ]
+    assert store.bars("1 hour", "C").column("volume").to_pylist() == [30]
+    assert store.message_count("A") == 8
+    for path in (tmp_path / partition_dir("aggregate", "2026-05-30", "C")).iterdir():
+        path.unlink()
+    assert store.asof(at(11, 0, 0)).column("contract").to_pylist() == ["A", "B"]
+    assert store._database._con is database
+    with store:
+        assert store.bars("1 hour", "C").num_rows == 0
+    assert store._database._con is None
+    assert store.table("aggregate", "B").num_rows == 2  # opens a database again
+
+
+def test_requests_in_threads_at_the_same_time_each_read_their_own_files(store: Store) -> None:
+    """Each call has its own connection and views: calls for different contracts from eight
+    threads at once give what they give one after the other."""
+    calls = [
+        lambda: store.table("aggregate", "A").column("seq").to_pylist(),
+        lambda: store.table("aggregate", "B").column("seq").to_pylist(),
+        lambda: store.asof(at(10, 0, 0), "A").column("seq").to_pylist(),
+        lambda: [m["sequence"] for m in store.replay("A") if "sequence" in m],
+        lambda: store.bars("1 day", "B").column("volume").to_pylist(),
+    ]
+    expected = [call() for call in calls]
+    assert expected == [[1, 2, 3, 4, 5], [7, 8], [5], [7], [40, 3]]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda i: calls[i % len(calls)](), range(40)))
+    assert results == [expected[i % len(calls)] for i in range(40)]
+
+
+def _write_without_source(path: Path, rows: list[tuple[Any, ...]]) -> None:
+    """An aggregate file as written before the ``source`` column was added."""
+    table = to_arrow(TABLES["aggregate"], rows).drop_columns(["source"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+
+
+@pytest.mark.parametrize("legacy_first", [True, False])
+def test_files_written_before_a_column_was_added_read_it_as_null(
+    tmp_path: Path, legacy_first: bool
+) -> None:
+    """A file without ``source``, read first or after files that have it, gives NULL there:
+    through every Store call and recorder.connect, whose view then reads by name."""
+    write_fixture(tmp_path)
+    seq = 0 if legacy_first else 90  # names sort by seq: the order DuckDB reads them in
+    moment = at(6, 0, 5) if legacy_first else at(6, 5, 0)
+    folder = tmp_path / partition_dir("aggregate", "2026-05-30", "A")
+    rows = [aggregate(seq, moment, DAY, 1, 1, 100, 100, 100, 100, 100)]
+    _write_without_source(folder / file_name(seq, seq), rows)
+    store = Store(tmp_path, partition_timezone="Asia/Tehran")
+    table = store.table("aggregate", "A")
+    assert table.column("seq").to_pylist() == (
+        [0, 1, 2, 3, 4, 5] if legacy_first else [1, 2, 3, 4, 5, 90]
+    )
+    sources: list[str | None] = ["stream"] * 5
+    sources.insert(0 if legacy_first else 5, None)
+    assert table.column("source").to_pylist() == sources
+    assert store.asof(at(7, 0, 0), "A").column("seq").to_pylist() == [5 if legacy_first else 90]
+    assert store.message_count("A") == 7
+    replayed = [m["timestamp"][11:19] for m in store.replay("A", end=at(6, 0, 15))]
+    assert replayed == (["06:00:05", "06:00:10"] if legacy_first else ["06:00:10"])
+    assert store.bars("1 day", "A", tz="Asia/Tehran").column("volume").to_pylist() == [25]
+    con = recorder.connect(tmp_path)
+    views = dict(con.sql("SELECT view_name, sql FROM duckdb_views() WHERE NOT internal").fetchall())
+    assert "union_by_name" in views["aggregate"]
+    assert "union_by_name" not in views["best_limit"]
+    assert con.execute("SELECT count(*) FROM aggregate WHERE source IS NULL").fetchone() == (1,)
+    with store.connect("A") as mine:
+        assert mine.execute("SELECT count(*) FROM aggregate WHERE source IS NULL").fetchone() == (
+            1,
+        )
+
+
+def test_a_file_removed_after_it_was_listed_is_listed_again(tmp_path: Path) -> None:
+    """A compaction may remove a file between the listing and the read: the call lists the
+    files again instead of failing."""
+    write_fixture(tmp_path)
+    folder = tmp_path / partition_dir("aggregate", "2026-05-30", "A")
+    (old,) = folder.iterdir()
+    listed: list[Path] = []
+
+    class Racing(Store):
+        def files(self, table: str, *args: Any, **kwargs: Any) -> list[Path]:
+            found = super().files(table, *args, **kwargs)
+            if table == "aggregate" and not listed:
+                listed.extend(found)
+                moved = folder / file_name(1, 5, "c")
+                old.rename(moved)  # compacted: same rows, a new name
+            return found
+
+    store = Racing(tmp_path)
+    assert store.table("aggregate", "A").column("seq").to_pylist() == [1, 2, 3, 4, 5]
+    assert listed == [old]

@@ -8,10 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import pyarrow.parquet as pq
 import pytest
 
 import recorder
 from recorder.buffer import Batch
+from recorder.catalog import FileSchemas
+from recorder.paths import file_name
 from recorder.schema import TABLES
 from recorder.writer import ParquetWriter
 
@@ -329,3 +332,64 @@ def test_contract_and_date_filters_prune_partitions_through_the_views(
     assert _files_read(con, f"SELECT * FROM {view} " + one_day.format("B", NEXT)) == (
         0 if book else 1
     )
+
+
+def test_asof_state_book_is_the_last_messages_levels_only(tmp_path: Path) -> None:
+    """A level the last BestLimit message did not carry is NULL, not the level of an earlier
+    message; a message with levels beyond 3 only is still the last message, with no level."""
+    writer = ParquetWriter(tmp_path, fsync=False)
+    book = [
+        level(10, at(6, 0, 0), 1, (5, 99), (7, 101)),
+        level(10, at(6, 0, 0), 2, (3, 98), (2, 102)),
+        level(10, at(6, 0, 0), 3, (1, 97), (1, 103)),
+        level(11, at(6, 0, 1), 1, (6, 99.5), (0, 0)),  # one level, an empty ask side
+        level(12, at(6, 0, 2), 4, (9, 95), (9, 105)),  # a fourth level only
+    ]
+    writer.write(Batch(("best_limit", "2026-05-30", "X"), book))
+    aggregates = [aggregate(10, at(6, 0, 0), DAY, 1, 1, 100, 100, 100, 100, 100)]
+    writer.write(Batch(("aggregate", "2026-05-30", "X"), aggregates))
+    con = recorder.connect(tmp_path)
+    columns = (
+        "seq, bid_price_1, bid_quantity_1, bid_price_2, ask_price_1, ask_price_2, ask_price_3,"
+        " mid, spread, trade_count"
+    )
+    rows = [
+        _query(con, f"SELECT {columns} FROM asof_state(TIMESTAMPTZ '{moment}')")
+        for moment in ("2026-05-30 06:00:00+00", "2026-05-30 06:00:01+00", "2026-05-30 06:00:02+00")
+    ]
+    assert rows == [
+        [(10, 99.0, 5, 98.0, 101.0, 102.0, 103.0, 100.0, 2.0, 1)],
+        [(11, 99.5, 6, None, None, None, None, None, None, None)],
+        [(12, None, None, None, None, None, None, None, None, None)],
+    ]
+    tops = _query(
+        con, "SELECT seq, bid_price_1, bid_price_2, ask_price_1 FROM top_of_book ORDER BY seq"
+    )
+    assert tops == [(10, 99.0, 98.0, 101.0), (11, 99.5, None, None), (12, None, None, None)]
+
+
+def test_views_read_files_written_after_connect_without_union_by_name(store: Path) -> None:
+    """The table views glob their files at each query: a file written after connect, in a
+    new partition, is read; every file has the table's columns, so no view reads by name."""
+    con = recorder.connect(store)
+    assert _query(con, "SELECT count(*) FROM aggregate") == [(7,)]
+    writer = ParquetWriter(store, fsync=False)
+    rows = [aggregate(20, at(6, 0, 0, day=31), NEXT, 1, 1, 100, 100, 100, 100, 100)]
+    writer.write(Batch(("aggregate", "2026-05-31", "C"), rows))
+    assert _query(con, "SELECT contract, seq FROM aggregate WHERE seq = 20") == [("C", 20)]
+    views = _query(con, "SELECT view_name FROM duckdb_views() WHERE sql LIKE '%union_by_name%'")
+    assert views == []
+
+
+def test_file_schemas_tell_a_file_lacking_a_column_and_skip_removed_files(store: Path) -> None:
+    """A file removed after it was listed is left out; a file lacking a column is told."""
+    schemas = FileSchemas()
+    files = sorted(store.glob("aggregate/*/*/*.parquet"))
+    gone = files[0].with_name(file_name(99, 99))
+    assert schemas.check(TABLES["aggregate"], [*files, gone]) is False
+    assert schemas.lacking(files) is False
+    legacy = files[0].with_name(file_name(98, 98))
+    pq.write_table(pq.read_table(files[0]).drop_columns(["source"]), legacy)
+    assert schemas.lacking([*files, legacy]) is False  # not read yet
+    assert schemas.check(TABLES["aggregate"], [*files, legacy]) is True
+    assert schemas.lacking([legacy]) is True
