@@ -9,7 +9,9 @@ import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -142,12 +144,21 @@ class ParquetWriter:
             row_group_size=_ROW_GROUP_ROWS,
         )
 
-    def _write_dataset(self, rows: dict[str, pa.Table], parts: list[Part]) -> list[Path]:
+    def _write_dataset(
+        self, rows: dict[str, pa.Table], parts: list[Part]
+    ) -> list[tuple[Path, int]]:
         """Write each part as one file under the staging folder, a table at a time in Arrow's
-        multi-threaded dataset writer (which holds the GIL far less than one call per file)."""
+        multi-threaded dataset writer (which holds the GIL far less than one call per file);
+        returns each part's staged file and its size."""
         by_table: dict[str, list[int]] = {}
         for index, part in enumerate(parts):
             by_table.setdefault(part.key[0], []).append(index)
+        staged: dict[int, list[tuple[str, int]]] = {}
+
+        def visit(written: Any) -> None:  # called from Arrow's threads: a dict write is atomic
+            index = int(Path(written.path).parent.name.split("=", 1)[1])
+            staged.setdefault(index, []).append((written.path, written.size))
+
         for name, indexes in by_table.items():
             table = TABLES[name]
             data = rows[name]
@@ -169,19 +180,20 @@ class ParquetWriter:
                 max_rows_per_group=_ROW_GROUP_ROWS,
                 max_partitions=len(indexes) + 1,
                 existing_data_behavior="overwrite_or_ignore",
+                file_visitor=visit,
             )
-        files = []
+        out = []
         for index, part in enumerate(parts):
-            folder = self._staging / f"{_PART}={index}"
-            names = sorted(os.listdir(folder))
-            if len(names) != 1:  # the writer closed and reopened it: make it one file again
-                whole = pq.read_table([str(folder / n) for n in names]) if names else None
+            found = sorted(staged.get(index, []))
+            if len(found) != 1:  # the writer closed and reopened it: make it one file again
+                whole = pq.read_table([f for f, _ in found]) if found else None
                 if whole is None or whole.num_rows != part.length:
                     raise StorageError(f"the dataset writer lost rows of {part.key}")
-                pq.write_table(whole, folder / "whole.parquet", compression="zstd")
-                names = ["whole.parquet"]
-            files.append(folder / names[0])
-        return files
+                path = self._staging / f"{_PART}={index}" / "whole.parquet"
+                pq.write_table(whole, path, compression="zstd")
+                found = [(str(path), path.stat().st_size)]
+            out.append((Path(found[0][0]), found[0][1]))
+        return out
 
     def write_parts(
         self, rows: dict[str, pa.Table], parts: list[Part]
@@ -191,13 +203,12 @@ class ParquetWriter:
         ``rows[table]`` holds a table's rows sorted as :func:`recorder.columnar.partitions`
         cut them into ``parts``. Every file is written under ``_state/writing`` (by Arrow's
         dataset writer), the file system is synced, each file is renamed into its partition
-        (under the partition lock) and the file system is synced again, so a power loss
-        leaves each file whole or absent. Returns the files now visible, the parts not
-        written and the error that stopped the writing (or None). A failure of the last sync
-        leaves the files visible and reports the error: they are complete, and the caller
-        keeps the journal until a later flush syncs.
+        (under the partition lock, taken once per date folder) and the file system is synced
+        again, so a power loss leaves each file whole or absent. Returns the files now
+        visible, the parts not written and the error that stopped the writing (or None). A
+        failure of the last sync leaves the files visible and reports the error: they are
+        complete, and the caller keeps the journal until a later flush syncs.
         """
-        shutil.rmtree(self._staging, ignore_errors=True)
         try:
             paths = [self.path_of(p.key, p.first_seq, p.last_seq) for p in parts]
             staged = self._write_dataset(rows, parts)
@@ -207,18 +218,25 @@ class ParquetWriter:
             shutil.rmtree(self._staging, ignore_errors=True)
             return [], parts, StorageError(f"cannot write a flush of {len(parts)} files: {exc}")
         written: list[WrittenFile] = []
-        for index, (part, tmp, path) in enumerate(zip(parts, staged, paths, strict=True)):
-            try:
-                with partition_lock(self.data_dir, part.key):
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    size = tmp.stat().st_size
-                    os.replace(tmp, path)
-            except OSError as exc:
-                shutil.rmtree(self._staging, ignore_errors=True)
-                error = StorageError(f"cannot move {path.relative_to(self.data_dir)}: {exc}")
-                return written, parts[index:], error
-            written.append(WrittenFile(part.key[0], path, part.length, size))
-        shutil.rmtree(self._staging, ignore_errors=True)
+        pending = 0  # the first part not moved yet
+        try:
+            # parts come grouped by table and date: one lock per date folder
+            for _, group in groupby(range(len(parts)), key=lambda i: parts[i].key[:2]):
+                indexes = list(group)
+                with partition_lock(self.data_dir, parts[indexes[0]].key):
+                    for index in indexes:
+                        (tmp, size), path, part = staged[index], paths[index], parts[index]
+                        try:
+                            os.replace(tmp, path)
+                        except FileNotFoundError:
+                            path.parent.mkdir(parents=True, exist_ok=True)
+                            os.replace(tmp, path)
+                        written.append(WrittenFile(part.key[0], path, part.length, size))
+                        pending = index + 1
+        except OSError as exc:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            where = paths[pending].relative_to(self.data_dir)
+            return written, parts[pending:], StorageError(f"cannot move {where}: {exc}")
         if self.fsync:
             try:
                 sync_filesystem(self.data_dir)
