@@ -50,24 +50,30 @@ class FlatStore(Store):
         path = self.data_dir / f"{table}.parquet"
         return [path] if path.exists() else []
 
+    _db: duckdb.DuckDBPyConnection | None = None
+
     def _connect(self, files: dict[str, list[Path]]) -> duckdb.DuckDBPyConnection:
+        """One database per store, a cursor with the flat views per call: as Store does."""
         wanted, self._wanted = self._wanted, None
-        con = duckdb.connect(":memory:")
-        con.execute("SET TimeZone = 'UTC'")
+        if self._db is None:
+            self._db = duckdb.connect(":memory:")
+            self._db.execute("SET GLOBAL TimeZone = 'UTC'")
+            self._db.execute("SET GLOBAL parquet_metadata_cache = true")
+            for name, table in TABLES.items():
+                empty = ", ".join(f"NULL::{c.type} AS {c.name}" for c in table.columns)
+                self._db.execute(f"CREATE VIEW {name} AS SELECT {empty} WHERE false")
+            for statement in derived_views():
+                self._db.execute(statement)
+        con = self._db.cursor()
         for name, table in TABLES.items():
             path = self.data_dir / f"{name}.parquet"
-            columns = ", ".join(f"{c.name}::{c.type} AS {c.name}" for c in table.columns)
             if path.exists():
+                columns = ", ".join(f"{c.name}::{c.type} AS {c.name}" for c in table.columns)
                 where = ""
                 if wanted is not None and table.by_contract:
                     where = " WHERE contract IN (" + ", ".join(map(sql_text, wanted)) + ")"
                 source = f"read_parquet('{path}'){where}"
-                con.execute(f"CREATE VIEW {name} AS SELECT {columns} FROM {source}")
-            else:
-                empty = ", ".join(f"NULL::{c.type} AS {c.name}" for c in table.columns)
-                con.execute(f"CREATE VIEW {name} AS SELECT {empty} WHERE false")
-        for statement in derived_views():
-            con.execute(statement)
+                con.execute(f"CREATE TEMP VIEW {name} AS SELECT {columns} FROM {source}")
         return con
 
 
