@@ -21,7 +21,7 @@ Recovery's rule ("a seq at or below the highest seq named in a partition's files
 there") holds at every instant in both modes.
 
 The compacted file is written once and kept, so it is written for size (:func:`write_compacted`):
-zstd at ``COMPRESSION_LEVEL`` (19; the flushes use ``storage.compression_level``, 3), each column
+zstd at ``COMPRESSION_LEVEL`` (19; the flushes use ``storage.compression_level``, 1), each column
 in whichever of PLAIN, dictionary, DELTA_BINARY_PACKED and BYTE_STREAM_SPLIT compresses it
 smallest, columns without a null REQUIRED, statistics only where queries filter, and no Arrow
 schema in the footer. The views return the same columns, types and values as before it.

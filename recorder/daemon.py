@@ -11,6 +11,7 @@ import contextlib
 import os
 import secrets
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from recorder.rest import RestClient, rest_base
 from recorder.snapshots import SnapshotTaker
 from recorder.subscriptions import Subscriptions
 
+GIL_SWITCH_SECONDS = 0.001
 log = structlog.get_logger("recorder.daemon")
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
@@ -63,6 +65,10 @@ async def record(
     Raises AuthError when the login is refused (the caller exits with code 2).
     """
     run_id = f"{int(time.time()):x}{secrets.token_hex(2)}"
+    # The event loop is busy for every frame; with Python's default 5 ms GIL switch interval
+    # the writer thread, which takes the GIL back after each Arrow or DuckDB call, waits up to
+    # 5 ms each time and falls behind (flushes took 2-3 times longer, memory piled up)
+    sys.setswitchinterval(GIL_SWITCH_SECONDS)
     tls = ssl_context(config.auth)  # checks on; auth.ca_bundle adds a CA
     pipeline = InstrumentedPipeline(
         config.data_dir,

@@ -238,6 +238,15 @@ class RecorderCollector(Collector):
                 "last_flush_timestamp_seconds", "When the last flush ended", stats.last_flush_at
             )
         yield gauge("rows_buffered", "Rows in memory waiting for a flush", pipeline.rows_buffered)
+        yield counter(
+            "reader_pauses",
+            "Times the readers stopped because memory held storage.max_buffered_rows",
+            stats.pauses,
+        )
+        yield gauge("readers_paused", "1 while the readers wait for a flush", int(pipeline.full))
+        yield counter(
+            "frames_decoded_in_bulk", "Plain frames whose rows DuckDB built", stats.decoded_in_bulk
+        )
         yield from self._journal()
         yield gauge("connections", "Feed connections (groups of contracts)", len(connections))
         yield gauge("connections_open", "Feed connections open", sum(c.open for c in connections))

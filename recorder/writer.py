@@ -29,6 +29,7 @@ WRITING_DIR = "writing"
 _PART = "__batch"  # the column that tells a flush's files apart while it is written
 _PARTITIONING = ds.partitioning(pa.schema([(_PART, pa.int32())]), flavor="hive")
 _ROW_GROUP_ROWS = 128 * 1024
+_OPEN_FILES = 32
 _libc = ctypes.CDLL(None, use_errno=True)
 _syncfs = getattr(_libc, "syncfs", None)
 
@@ -179,6 +180,9 @@ class ParquetWriter:
                 preserve_order=True,
                 max_rows_per_group=_ROW_GROUP_ROWS,
                 max_partitions=len(indexes) + 1,
+                # parts arrive one after the other, so a file closed early gets no more rows;
+                # each open file holds its column buffers and compressors in memory
+                max_open_files=_OPEN_FILES,
                 existing_data_behavior="overwrite_or_ignore",
                 file_visitor=visit,
             )
