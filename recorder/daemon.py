@@ -67,7 +67,9 @@ async def record(
     run_id = f"{int(time.time()):x}{secrets.token_hex(2)}"
     # The event loop is busy for every frame; with Python's default 5 ms GIL switch interval
     # the writer thread, which takes the GIL back after each Arrow or DuckDB call, waits up to
-    # 5 ms each time and falls behind (flushes took 2-3 times longer, memory piled up)
+    # 5 ms each time and falls behind (flushes took 2-3 times longer, memory piled up);
+    # restored when recording ends (an embedding program keeps its own setting)
+    switch = sys.getswitchinterval()
     sys.setswitchinterval(GIL_SWITCH_SECONDS)
     tls = ssl_context(config.auth)  # checks on; auth.ca_bundle adds a CA
     pipeline = InstrumentedPipeline(
@@ -155,6 +157,7 @@ async def record(
             )
         finally:
             await metrics.close()
+            sys.setswitchinterval(switch)
 
 
 def install_stop_signals(stop: asyncio.Event) -> None:
