@@ -445,7 +445,13 @@ def test_queries_during_compaction_never_see_a_row_twice_or_miss_one(store: Path
     assert len(stepped) == 2 * result.compacted
     assert all(r == expected for r in stepped)
     assert looped, failures[:3]
-    assert all(r == expected for r in looped)
+    # on a failure, say which reads differed, in which tables, and how (seen, expected)
+    wrong = [
+        (i, {k: (v, expected[k]) for k, v in r.items() if v != expected[k]})
+        for i, r in enumerate(looped)
+        if r != expected
+    ]
+    assert not wrong, (len(looped), wrong[:3], failures[:3])
 
 
 def test_foreign_and_overlapping_files_are_left_alone(tmp_path: Path) -> None:
