@@ -55,6 +55,8 @@ def trading_window_us(day: date) -> tuple[int, int]:
 #: the compactor writes zstd 19 for size; reading costs the same at any level, and level 9
 #: keeps generating 20 M messages to minutes
 GENERATE_LEVEL = 9
+#: the flat file keeps DuckDB's own row group size
+FLAT_ROW_GROUP_ROWS = 122_880
 
 
 def _write(table: pa.Table, path: Path, sort_columns: list[str]) -> None:
@@ -244,7 +246,7 @@ def generate(root: Path, messages: int, days: int, contracts: int, seed: int = 7
         listing = ", ".join(f"'{p}'" for p in chunks)
         con.execute(
             f"COPY (SELECT * FROM read_parquet([{listing}])) TO '{flat / name}.parquet' "
-            f"(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {ROW_GROUP_ROWS})"
+            f"(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {FLAT_ROW_GROUP_ROWS})"
         )
         for chunk in chunks:
             chunk.unlink()

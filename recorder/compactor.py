@@ -63,7 +63,9 @@ COMPRESSION_LEVEL = 19
 TRIAL_LEVEL = 9
 PLAIN = "PLAIN"
 DICTIONARY = "RLE_DICTIONARY"  # written with use_dictionary (pyarrow's column_encoding refuses it)
-ROW_GROUP_ROWS = 122_880  # DuckDB's own row group size: one group per reader thread
+#: rows per row group: small enough that a look-back (the as-of state) reads one group of
+#: each contract-day file, not all of it (row-group statistics on exchange_ts skip the rest)
+ROW_GROUP_ROWS = 16_384
 _DATE_FOLDER = re.compile(r"^date=(\d{4}-\d{2}-\d{2})$")
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
