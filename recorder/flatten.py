@@ -343,10 +343,13 @@ def _frame_struct() -> type[msgspec.Struct]:
 
 
 _FAST_DECODER = msgspec.json.Decoder(_frame_struct())
-_FIELD_NAMES = {
-    table: [c.field for c in TABLES[table].wire_columns if c.field is not None]
-    for table in SECTION_TABLES.values()
-}
+#: (position of the section in the data Struct, field, parser) of every date and time field
+_TEXT_CHECKS = tuple(
+    (position, c.field, _parse_date if c.kind == "date" else _parse_time)
+    for position, table in enumerate(SECTION_TABLES.values())
+    for c in TABLES[table].wire_columns
+    if c.field is not None and c.kind in ("date", "time")
+)
 _astuple = msgspec.structs.astuple
 #: per section, in the order of the data Struct's fields: (section, table, has levels,
 #: positions of date/time values to convert)
@@ -371,21 +374,26 @@ def _plain(frame: bytes | str, naive_tz: tzinfo) -> tuple[str, str, int, tuple[A
         timestamp, data, _, *ids = _astuple(_FAST_DECODER.decode(frame))
     except msgspec.DecodeError:
         return None
-    found = [(key, value) for key, value in zip(ID_KEYS, ids, strict=True) if value is not _UNSET]
-    if len(found) != 1 or not found[0][1]:
+    if ids.count(_UNSET) != len(ids) - 1:
+        return None  # no identifier, or two: the full rules keep the second in extras
+    index = next(i for i, value in enumerate(ids) if value is not _UNSET)
+    contract = ids[index]
+    if not contract:
         return None
     sections = _astuple(data)
     if sections.count(_UNSET) == len(sections):
         return None  # no section: the pipeline keeps an extras row for it
+    for position, field, parse in _TEXT_CHECKS:  # dates and times: "" or a valid value
+        section = sections[position]
+        if section is not _UNSET:
+            text = getattr(section, field)
+            if text and parse(text) is None:
+                return None
     try:
         exchange_us = parse_timestamp(timestamp, naive_tz)
-        for (_, table, _, convert), value in zip(_FAST_SECTIONS, sections, strict=True):
-            if convert and value is not _UNSET:
-                for i, converter in convert:
-                    converter(getattr(value, _FIELD_NAMES[table][i]), table)
     except FlattenError:
         return None
-    return found[0][0], found[0][1], exchange_us, sections
+    return ID_KEYS[index], contract, exchange_us, sections
 
 
 def plain_frame(frame: bytes | str, naive_tz: tzinfo = UTC) -> tuple[str, int] | None:
