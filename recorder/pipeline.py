@@ -171,9 +171,10 @@ class Pipeline:
             self.journal.append(FRAME, seq, received_us, connection, raw)
         self.stats.frames += 1
         now = time.monotonic()
-        plain = plain_frame(raw, self._naive_tz) if self._bulk and self._skip is None else None
+        checked = self._bulk and self._skip is None
+        plain = plain_frame(raw, self._naive_tz) if checked else None
         if plain is None:
-            self._ingest(connection, frame, received_us, seq, now)
+            self._ingest(connection, frame, received_us, seq, now, plain=not checked)
             return seq
         contract, exchange_us = plain
         if self._dedupe and contract in self._dedupe:
@@ -230,8 +231,11 @@ class Pipeline:
         seq: int,
         now: float,
         source: str = SOURCE_STREAM,
+        *,
+        plain: bool = True,
     ) -> None:
-        message = flatten_fast(frame, self._naive_tz)
+        # plain=False: the frame is known not to be plain (on_frame checked it already)
+        message = flatten_fast(frame, self._naive_tz) if plain else None
         if message is None:  # not a plain frame: the full rules decide
             try:
                 message = flatten(frame, self._naive_tz)
