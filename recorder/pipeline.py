@@ -504,10 +504,10 @@ class Pipeline:
     async def flush(self, keys: list[Key] | None = None) -> bool:
         """Write every buffered row (``keys`` is ignored: a flush takes all partitions, so
         each gets one file per flush); False when a write failed (rows kept)."""
+        floors = [self._buffer.min_seq(), self._frames.first_seq, self._parts_min_seq]
         batches = self._buffer.take_all()
         frames, self._frames = self._frames, FrameBatch()
         parts, self._parts = self._parts, {}
-        floors = [self._buffer_floor(batches), frames.first_seq, self._parts_min_seq]
         self._in_flight_min_seq = min((f for f in floors if f is not None), default=None)
         self._in_flight_rows = (
             sum(len(b.rows) for b in batches) + len(frames.seq) + self._parts_rows
@@ -551,10 +551,6 @@ class Pipeline:
             failures=self._failures,
         )
         return False
-
-    @staticmethod
-    def _buffer_floor(batches: list[Batch]) -> int | None:
-        return min((b.first_seq for b in batches), default=None)
 
     def _release_journal(self) -> None:
         if self.journal is not None:
