@@ -9,6 +9,7 @@ from pathlib import Path
 
 import duckdb
 
+from recorder.paths import is_day_file
 from recorder.schema import TABLES, Table, package_data_dir
 
 
@@ -97,21 +98,41 @@ SCHEMAS = FileSchemas()
 
 
 def table_glob(data_dir: Path, table: Table) -> str:
-    """The glob of every visible Parquet file of ``table`` (temporary files never match)."""
+    """The glob of the contract files of ``table`` (of every file, for a table not partitioned
+    by contract); temporary files never match. See :mod:`recorder.paths` for the layout."""
     depth = "*/*" if table.by_contract else "*"
     return str(data_dir.resolve() / table.name / depth / "*.parquet")
 
 
+def day_glob(data_dir: Path, table: Table) -> str:
+    """The glob of the day files of ``table``, partitioned by contract (``{table}/date=D/``)."""
+    return str(data_dir.resolve() / table.name / "*" / "*.parquet")
+
+
 def table_files(data_dir: Path, table: Table) -> list[Path]:
-    """The files :func:`table_glob` matches now."""
-    folders = [data_dir.resolve() / table.name]
-    for _ in range(2 if table.by_contract else 1):
-        folders = [Path(e.path) for f in folders for e in _entries(f) if e.is_dir()]
-    return [Path(e.path) for f in folders for e in _entries(f) if e.name.endswith(".parquet")]
+    """The files :func:`table_glob` and (partitioned by contract) :func:`day_glob` match now."""
+    days = [Path(e.path) for e in _entries(data_dir.resolve() / table.name) if e.is_dir()]
+    files = []
+    for day in days:
+        for entry in _entries(day):
+            if entry.name.endswith(".parquet"):
+                files.append(Path(entry.path))
+            elif table.by_contract and entry.is_dir():
+                found = _entries(Path(entry.path))
+                files.extend(Path(e.path) for e in found if e.name.endswith(".parquet"))
+    return files
 
 
-def _has_files(root: Path, table: Table) -> bool:
-    pattern = "*/*/*.parquet" if table.by_contract else "*/*.parquet"
+def split_files(table: Table, files: Iterable[Path]) -> tuple[list[Path], list[Path]]:
+    """``files`` of ``table`` as (contract files, day files); see :mod:`recorder.paths`."""
+    contract_files: list[Path] = []
+    day_files: list[Path] = []
+    for f in files:
+        (day_files if table.by_contract and is_day_file(f) else contract_files).append(f)
+    return contract_files, day_files
+
+
+def _has_files(root: Path, pattern: str) -> bool:
     return next(root.glob(pattern), None) is not None
 
 
@@ -125,26 +146,44 @@ def _entries(folder: Path) -> list[os.DirEntry[str]]:
 
 def empty_view_sql(table: Table, temporary: bool = False) -> str:
     """A view of ``table`` with its columns and no row."""
-    empty = ", ".join(f"NULL::{c.type} AS {c.name}" for c in table.columns)
     kind = "TEMP VIEW" if temporary else "VIEW"
-    return f"CREATE OR REPLACE {kind} {table.name} AS SELECT {empty} WHERE false"
+    return f"CREATE OR REPLACE {kind} {table.name} AS {empty_sql(table)}"
 
 
-def read_sql(table: Table, source: str, union_by_name: bool) -> str:
+def empty_sql(table: Table) -> str:
+    """``SELECT`` every column of ``table``, typed, and no row."""
+    empty = ", ".join(f"NULL::{c.type} AS {c.name}" for c in table.columns)
+    return f"SELECT {empty} WHERE false"
+
+
+def read_sql(table: Table, source: str, union_by_name: bool, day_files: bool = False) -> str:
     """``SELECT`` every column of ``table``, typed, from ``read_parquet(source)``.
 
     Partition columns are typed explicitly (``date`` DATE, ``contract`` VARCHAR) so that
     numeric identifiers such as ``012345`` keep their zeros. Without ``union_by_name`` DuckDB
     takes the columns of the first file and fails on a file that lacks one of them (it never
-    reads it as something else).
+    reads it as something else). ``day_files``: ``source`` names day files, whose folders
+    name only the date and which hold ``contract`` as a column.
     """
     columns = ", ".join(f"{c.name}::{c.type} AS {c.name}" for c in table.columns)
-    hive_types = "{'date': 'DATE'" + (", 'contract': 'VARCHAR'}" if table.by_contract else "}")
+    by_folder = table.by_contract and not day_files
+    hive_types = "{'date': 'DATE'" + (", 'contract': 'VARCHAR'}" if by_folder else "}")
     union = ", union_by_name = true" if union_by_name else ""
     return (
         f"SELECT {columns} FROM read_parquet({source}, hive_partitioning = true, "
         f"hive_types = {hive_types}{union})"
     )
+
+
+def layered_sql(
+    table: Table, contract_source: str | None, day_source: str | None, union_by_name: bool
+) -> str:
+    """``SELECT`` every row of ``table`` from its contract files and its day files (a source
+    is None when there is no such file: DuckDB refuses a glob that matches nothing)."""
+    selects = [read_sql(table, contract_source, union_by_name)] if contract_source else []
+    if day_source:
+        selects.append(read_sql(table, day_source, union_by_name, day_files=True))
+    return " UNION ALL ".join(selects) if selects else empty_sql(table)
 
 
 def view_sql(
@@ -153,24 +192,34 @@ def view_sql(
     files: list[Path] | None = None,
     con: duckdb.DuckDBPyConnection | None = None,
 ) -> str:
-    """The ``CREATE VIEW`` statement of one table, over its glob (files added later included).
+    """The ``CREATE VIEW`` statement of one table, over its globs (files added later included).
 
-    A table with no files yet is an empty view with the right columns; ``union_by_name`` is
-    used only while one of its files lacks a column (written before the column was added),
-    see :class:`FileSchemas`, which reads the footers new to it with ``con``. ``files`` are
-    the files the glob matches now, listed when not given, unless the table's folder is
-    settled (:meth:`FileSchemas.settled`).
+    A table with no files yet is an empty view with the right columns, and the day files or
+    the contract files are read only if there was one when the view was made (call again to
+    see a kind of file that appeared since). ``union_by_name`` is used only while one of its
+    files lacks a column (written before the column was added), see :class:`FileSchemas`,
+    which reads the footers new to it with ``con``. ``files`` are the files the globs match
+    now, listed when not given, unless the table's folder is settled
+    (:meth:`FileSchemas.settled`).
     """
     root = data_dir.resolve() / table.name
-    if files is None and SCHEMAS.settled(root) and _has_files(root, table):
+    depth = "*/*/*.parquet" if table.by_contract else "*/*.parquet"
+    if files is None and SCHEMAS.settled(root) and _has_files(root, depth):
         union = False
+        has_contract_files = True
+        has_day_files = table.by_contract and _has_files(root, "*/*.parquet")
     else:
         files = table_files(data_dir, table) if files is None else files
         union = SCHEMAS.check(table, files, con) if files else False
         SCHEMAS.listed(root, files, union)
-        if not files:
-            return empty_view_sql(table)
-    select = read_sql(table, _quote(table_glob(data_dir, table)), union)
+        contract_files, day_files = split_files(table, files)
+        has_contract_files, has_day_files = bool(contract_files), bool(day_files)
+    select = layered_sql(
+        table,
+        _quote(table_glob(data_dir, table)) if has_contract_files else None,
+        _quote(day_glob(data_dir, table)) if has_day_files else None,
+        union,
+    )
     return f"CREATE OR REPLACE VIEW {table.name} AS {select}"
 
 

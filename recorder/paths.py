@@ -1,4 +1,20 @@
-"""Pure partition paths: ``{table}/date=YYYY-MM-DD/contract=<encoded>/{first}-{last}.parquet``.
+"""Pure partition paths.
+
+A table partitioned by contract keeps two kinds of files under ``{table}/date=YYYY-MM-DD/``:
+
+- **day files**, ``{table}/date=D/{first}-{last}.parquet``: what the recorder's flushes write,
+  one file per table and date per flush (cut at ``storage.max_rows_per_file``), whatever the
+  number of contracts. Their rows mix contracts, so they hold ``contract`` as a column,
+  sorted by (contract, seq): row-group statistics let a one-contract read skip the rest.
+- **contract files**, ``{table}/date=D/contract=<encoded>/{first}-{last}[.c].parquet``: what
+  compaction writes when a date has closed (day files folded into one sorted file per
+  contract), and what older versions flushed.
+
+A frame's rows in (table, date, contract) are stored once a file of that date's folder (day
+file) or of that contract's folder names a seq at or above the frame's: every flush writes
+all the rows it holds of a (table, date) in seq order and never cuts a frame (see
+:mod:`recorder.recovery`). Tables not partitioned by contract keep only
+``{table}/date=D/{first}-{last}.parquet``.
 
 Contract identifiers are data from the network. Every byte outside ``[A-Za-z0-9-]`` is
 percent-encoded, so ``/``, ``..``, ``=``, ``%``, spaces and Persian letters become plain ASCII
@@ -10,7 +26,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, date, datetime, timedelta, tzinfo
-from pathlib import PurePosixPath
+from pathlib import PurePath, PurePosixPath
 from urllib.parse import quote, unquote
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -38,6 +54,12 @@ def partition_dir(table: str, day: str, contract: str | None) -> PurePosixPath:
     """Folder of one partition, relative to the data directory (``contract=None``: by date only)."""
     path = PurePosixPath(table) / f"date={day}"
     return path if contract is None else path / f"contract={encode_contract(contract)}"
+
+
+def is_day_file(path: PurePath | str) -> bool:
+    """Whether ``path`` (of a table partitioned by contract) is a day file, not a contract file."""
+    parent = PurePath(path).parent.name
+    return parent.startswith("date=")
 
 
 def file_name(first_seq: int, last_seq: int, tag: str = "") -> str:

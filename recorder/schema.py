@@ -22,6 +22,9 @@ _ARROW_TYPES: dict[str, pa.DataType] = {
     "VARCHAR[]": pa.list_(pa.string()),
 }
 
+#: the partition column that day files hold inside the file (folders name it elsewhere)
+CONTRACT_COLUMN = "contract"
+
 #: The tables that hold market data, in the order of the message's sections.
 DATA_TABLES = ("best_limit", "aggregate", "allowed_price_range", "contract_info")
 
@@ -74,6 +77,14 @@ class Table:
     def arrow_schema(self) -> pa.Schema:
         """The Arrow schema of the Parquet files."""
         return pa.schema([pa.field(c.name, c.arrow_type) for c in self.file_columns])
+
+    @cached_property
+    def day_schema(self) -> pa.Schema:
+        """The Arrow schema of a day file (see :mod:`recorder.paths`): the file columns, then
+        ``contract``, which a day file holds as a column since its rows mix contracts."""
+        if not self.by_contract:
+            return self.arrow_schema
+        return self.arrow_schema.append(pa.field(CONTRACT_COLUMN, pa.string()))
 
     def column(self, name: str) -> Column:
         return next(c for c in self.columns if c.name == name)
