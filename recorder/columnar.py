@@ -23,12 +23,9 @@ import pyarrow.compute as pc
 
 from recorder.buffer import Batch
 from recorder.schema import SECTION_TABLES, TABLES, Table
-from recorder.writer import Part, to_arrow
+from recorder.writer import CONTRACT, DATE, Part, to_arrow
 
 _DUCK_TYPES = {"int": "BIGINT", "float": "DOUBLE", "date": "VARCHAR", "time": "VARCHAR"}
-#: the partition columns while rows travel (named apart from every file column: the
-#: rejections table has a ``contract`` column of its own)
-DATE, CONTRACT = "__date", "__contract"
 _PARTITION_FIELDS = [pa.field(DATE, pa.string()), pa.field(CONTRACT, pa.string())]
 
 
@@ -214,36 +211,51 @@ def batches_to_parts(batches: Iterable[Batch]) -> dict[str, pa.Table]:
 
 
 def partitions(table: Table, rows: pa.Table, max_rows: int) -> tuple[pa.Table, list[Part]]:
-    """Group ``rows`` (parts schema) by partition, in seq order within each (rows of one seq
-    keep their order), and cut them into files.
+    """Group ``rows`` (parts schema) into files: one per date (tables partitioned by contract:
+    a day file, see :mod:`recorder.paths`) and, where it has more than ``max_rows`` rows, cut
+    into ranges of seq, never inside one frame's rows (recovery relies on it: see
+    recorder.recovery). Returns the rows reordered so that each file is one slice, and the
+    files.
 
-    A partition holds one file per flush unless it has more than ``max_rows`` rows; a cut
-    never falls inside one frame's rows (recovery relies on it: see recorder.recovery).
+    Within a file rows are in seq order (rows of one seq keep their order); a day file's rows
+    are first ordered by contract, so its row-group statistics skip the other contracts.
     """
     n = rows.num_rows
     if n == 0:
         return rows, []
-    # group by integer codes (hashing, then one numpy lexsort) rather than sort strings
+    # integer codes (hashing) and numpy lexsorts rather than sorting strings
     date = rows.column(DATE).combine_chunks().dictionary_encode().indices.to_numpy()
-    contract = pc.fill_null(rows.column(CONTRACT), "").combine_chunks()
-    codes = contract.dictionary_encode().indices.to_numpy()
-    order = np.lexsort((np.arange(n), rows.column("seq").to_numpy(), codes, date))
-    rows = rows.take(pa.array(order))
-    date, codes = date[order], codes[order]
     seq = rows.column("seq").to_numpy()
-    change = np.flatnonzero((date[1:] != date[:-1]) | (codes[1:] != codes[:-1])) + 1
-    starts = [0, *change.tolist()]
-    ends = [*change.tolist(), n]
-    parts = []
-    for start, end in zip(starts, ends, strict=True):
-        day = rows.column(DATE)[start].as_py()
-        who = rows.column(CONTRACT)[start].as_py() if table.by_contract else None
+    arrival = np.arange(n)
+    by_seq = np.lexsort((arrival, seq, date))
+    # cut each date into files of at most max_rows rows (more where one frame is longer)
+    file_of = np.empty(n, dtype=np.int64)
+    day_sorted, seq_sorted = date[by_seq], seq[by_seq]
+    bounds = [*np.flatnonzero(day_sorted[1:] != day_sorted[:-1]) + 1, n]
+    cuts, start = [], 0
+    for end in bounds:
         cut = start
         while cut < end:
             stop = min(cut + max_rows, end)
-            while stop < end and seq[stop] == seq[stop - 1]:
+            while stop < end and seq_sorted[stop] == seq_sorted[stop - 1]:
                 stop += 1
-            key = (table.name, day, who)
-            parts.append(Part(key, int(seq[cut]), int(seq[stop - 1]), cut, stop - cut))
+            cuts.append((cut, stop))
             cut = stop
+        start = end
+    for index, (cut, stop) in enumerate(cuts):
+        file_of[by_seq[cut:stop]] = index
+    if table.by_contract:
+        contract = pc.fill_null(rows.column(CONTRACT), "").combine_chunks().dictionary_encode()
+        rank = np.empty(len(contract.dictionary), dtype=np.int64)
+        rank[pc.array_sort_indices(contract.dictionary).to_numpy()] = np.arange(rank.size)
+        order = np.lexsort((arrival, seq, rank[contract.indices.to_numpy()], file_of))
+    else:
+        order = np.lexsort((arrival, seq, file_of))
+    rows = rows.take(pa.array(order))
+    parts = []
+    for cut, stop in cuts:
+        span = seq_sorted[cut:stop]
+        day = rows.column(DATE)[cut].as_py()
+        key = (table.name, day, None)
+        parts.append(Part(key, int(span.min()), int(span.max()), int(cut), int(stop - cut)))
     return rows, parts

@@ -1,10 +1,12 @@
 """Crash recovery: what the journal holds but Parquet does not is written, exactly once.
 
-A partition's files are named by the seq range they hold and every flush of a partition
-writes all of its buffered rows in seq order, never splitting a frame; so a seq at or below
-the highest one named in a partition's files is in that partition already, and any other is
-not. Replaying the journal through the pipeline while skipping those rows makes recovery
-idempotent: a crash during recovery is recovered from the same way.
+Files are named by the seq range they hold, and every flush writes all the rows it holds of
+a (table, date) in seq order, never splitting a frame (as day files, or as contract files in
+older versions: see :mod:`recorder.paths`); so a frame's rows in partition (table, date,
+contract) are there already when a day file of that date or a file of that contract's
+folder names a seq at or above the frame's, and are not there otherwise. Replaying the journal
+through the pipeline while skipping those rows makes recovery idempotent: a crash during
+recovery is recovered from the same way.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ log = structlog.get_logger("recorder.recovery")
 
 
 class HighWater:
-    """The highest seq already in Parquet, per partition (each folder listed once).
+    """The highest seq already in Parquet, per partition: the highest named in its folder and,
+    for a contract's partition, in its date folder's day files (each folder listed once).
 
     Listing a folder also removes temporary files a crash left in it (readers never saw them).
     """
@@ -36,6 +39,13 @@ class HighWater:
         self._known: dict[Key, int] = {}
 
     def get(self, key: Key) -> int:
+        table, day, contract = key
+        found = self._folder(key)
+        if contract is not None:  # the day files of its date
+            found = max(found, self._folder((table, day, None)))
+        return found
+
+    def _folder(self, key: Key) -> int:
         found = self._known.get(key)
         if found is None:
             found = 0

@@ -21,14 +21,20 @@ import pyarrow.parquet as pq
 from recorder.buffer import Batch, Key
 from recorder.errors import StorageError
 from recorder.paths import file_name, partition_dir
-from recorder.schema import TABLES, Table
+from recorder.schema import CONTRACT_COLUMN, TABLES, Table
 from recorder.state import STATE_DIR, fsync_dir
 
+#: the partition columns while rows travel to the writer (named apart from every file column:
+#: the rejections table has a ``contract`` column of its own); see recorder.columnar
+DATE, CONTRACT = "__date", "__contract"
 #: where a flush writes its files before they are durable (never read by any view)
 WRITING_DIR = "writing"
 _PART = "__batch"  # the column that tells a flush's files apart while it is written
 _PARTITIONING = ds.partitioning(pa.schema([(_PART, pa.int32())]), flavor="hive")
 _ROW_GROUP_ROWS = 128 * 1024
+#: rows per row group of a flush's files: a day file's rows are ordered by contract, and a
+#: one-contract read skips the groups whose statistics name other contracts only
+_FLUSH_GROUP_ROWS = 32 * 1024
 _OPEN_FILES = 32
 _libc = ctypes.CDLL(None, use_errno=True)
 _syncfs = getattr(_libc, "syncfs", None)
@@ -170,6 +176,8 @@ class ParquetWriter:
                 raise StorageError(f"the parts of {name} do not cover its rows")
             batch = np.repeat(np.asarray(indexes, dtype=np.int32), counts)
             files = data.select(table.arrow_schema.names).cast(table.arrow_schema)
+            if table.by_contract:  # day files: the contract is a column (see recorder.paths)
+                files = files.append_column(CONTRACT_COLUMN, data.column(CONTRACT))
             ds.write_dataset(
                 files.append_column(_PART, pa.array(batch)),
                 self._staging,
@@ -178,7 +186,7 @@ class ParquetWriter:
                 file_options=self._options,
                 basename_template=name + "-{i}.parquet",
                 preserve_order=True,
-                max_rows_per_group=_ROW_GROUP_ROWS,
+                max_rows_per_group=_FLUSH_GROUP_ROWS,
                 max_partitions=len(indexes) + 1,
                 # parts arrive one after the other, so a file closed early gets no more rows;
                 # each open file holds its column buffers and compressors in memory

@@ -163,35 +163,58 @@ def test_a_failed_write_keeps_decoded_rows_for_the_next_flush(tmp_path: Path) ->
     assert con.execute("SELECT count(*) FROM aggregate").fetchone() == (300,)
 
 
-def test_partitions_cut_big_partitions_between_frames() -> None:
-    """A partition above max_rows becomes several files, none splitting one frame's rows."""
+def test_partitions_make_day_files_cut_between_frames_and_ordered_by_contract() -> None:
+    """A flush makes one day file per date, cut into seq ranges above max_rows, never inside
+    one frame's rows; inside a file, rows are ordered by contract (by name, not by arrival)
+    and then by seq, each frame's rows in their order."""
     table = TABLES["best_limit"]
-    seqs = [1, 1, 1, 2, 2, 3, 3, 3, 4]
+    # (contract, seq, levels): Z arrives first, but A sorts first; one frame on another date
+    frames = [("Z", 1, 3), ("A", 2, 2), ("Z", 3, 3), ("A", 4, 1), ("Z", 5, 1), ("A", 6, 2)]
+    contracts, seqs, levels, days = [], [], [], []
+    for contract, seq, count in frames:
+        for level in range(1, count + 1):
+            contracts.append(contract)
+            seqs.append(seq)
+            levels.append(level)
+            days.append("2026-01-02" if seq == 6 else "2026-01-01")
     ts = pa.array([0] * len(seqs), pa.timestamp("us", tz="UTC"))
     columns = {
-        DATE: ["2026-01-01"] * len(seqs),
-        CONTRACT: ["A"] * len(seqs),
+        DATE: days,
+        CONTRACT: contracts,
         "exchange_ts": ts,
         "received_at": ts,
         "seq": seqs,
-        "level": [1, 2, 3, 1, 2, 1, 2, 3, 1],
+        "level": levels,
         **{n: [0] * len(seqs) for n in ("buy_quantity", "sell_quantity")},
         **{n: [0.0] * len(seqs) for n in ("buy_price", "sell_price")},
         "source": ["stream"] * len(seqs),
     }
     schema = parts_schema(table)
     rows = pa.table({f.name: pa.array(columns[f.name], f.type) for f in schema}, schema=schema)
-    other = rows.slice(0, 3).set_column(1, CONTRACT, pa.array(["B"] * 3))
 
-    ordered, parts = partitions(table, pa.concat_tables([rows, other]), max_rows=4)
+    ordered, parts = partitions(table, rows, max_rows=4)
 
-    spans = [(p.key, p.first_seq, p.last_seq, p.length) for p in parts]
+    spans = [(p.key, p.first_seq, p.last_seq, p.offset, p.length) for p in parts]
     assert spans == [
-        (("best_limit", "2026-01-01", "A"), 1, 2, 5),
-        (("best_limit", "2026-01-01", "A"), 3, 4, 4),
-        (("best_limit", "2026-01-01", "B"), 1, 1, 3),
+        (("best_limit", "2026-01-01", None), 1, 2, 0, 5),  # seq 1 alone is 3 rows, 2 makes 5
+        (("best_limit", "2026-01-01", None), 3, 4, 5, 4),
+        (("best_limit", "2026-01-01", None), 5, 5, 9, 1),
+        (("best_limit", "2026-01-02", None), 6, 6, 10, 2),
     ]
-    assert ordered.column("level").to_pylist()[:5] == [1, 2, 3, 1, 2]
+    got = list(
+        zip(
+            ordered.column(CONTRACT).to_pylist(),
+            ordered.column("seq").to_pylist(),
+            ordered.column("level").to_pylist(),
+            strict=True,
+        )
+    )
+    assert got == [
+        ("A", 2, 1), ("A", 2, 2), ("Z", 1, 1), ("Z", 1, 2), ("Z", 1, 3),
+        ("A", 4, 1), ("Z", 3, 1), ("Z", 3, 2), ("Z", 3, 3),
+        ("Z", 5, 1),
+        ("A", 6, 1), ("A", 6, 2),
+    ]  # fmt: skip
 
 
 def test_readers_pause_while_memory_is_full_and_nothing_is_lost(
