@@ -238,5 +238,6 @@ def test_odd_contract_names_round_trip_and_stay_inside_the_data_dir(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
     # flushes write day files: the names are data inside them, never a path
     written = [p.relative_to(data_dir).parts for p in data_dir.rglob("*.parquet")]
-    assert written and all(len(parts) == 3 for parts in written)
+    assert written
+    assert all(len(parts) == 3 for parts in written)
     assert {parts[0] for parts in written} <= {*TABLES}
