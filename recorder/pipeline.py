@@ -48,6 +48,9 @@ SOURCE_STREAM, SOURCE_SNAPSHOT = "stream", "snapshot"
 DUPLICATE = "duplicate: the same contract and timestamp came on two streams"
 #: plain frames decoded together by DuckDB (about 15 MB of JSON)
 DECODE_FRAMES = 20_000
+#: once no frame has come for this long, the rows waiting are written at once: nothing more
+#: is coming to batch them with (the end of a burst or of a session is visible promptly)
+QUIET_SECONDS = 0.5
 
 
 @dataclass
@@ -122,6 +125,7 @@ class Pipeline:
         self._in_flight_min_seq: int | None = None  # taken by a decode or flush under way
         self._in_flight_rows = 0
         self._last_flush_seconds = 0.0
+        self._last_frame_at = 0.0  # time.monotonic() of the latest frame
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet-writer")
         self.journal: Journal | None = None
         if journal is not None and journal.enabled:
@@ -170,7 +174,7 @@ class Pipeline:
         if self.journal is not None:
             self.journal.append(FRAME, seq, received_us, connection, raw)
         self.stats.frames += 1
-        now = time.monotonic()
+        self._last_frame_at = now = time.monotonic()
         checked = self._bulk and self._skip is None
         plain = plain_frame(raw, self._naive_tz) if checked else None
         if plain is None:
@@ -432,20 +436,26 @@ class Pipeline:
             if self._closing:
                 return
             if len(self._frames) >= DECODE_FRAMES:
-                await self._decode_frames()
-            if self._due(time.monotonic()) and not await self.flush():
+                await self.decode_waiting()
+            if self.due(time.monotonic()) and not await self.flush():
                 backoff = min(30.0, 0.5 * 2 ** min(self._failures, 6))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), backoff)
 
-    def _due(self, now: float) -> bool:
-        """A flush is due when memory holds too many rows, or early enough that the oldest row
-        is visible flush_interval after it came (a flush starts ahead by the last one's
-        duration, at most half the interval)."""
+    def due(self, now: float) -> bool:
+        """A flush is due when the decoded rows fill a file (``max_rows_per_file``: a flush
+        costs about the same per row whatever its size, so a busy feed is written as it
+        comes rather than held), when memory holds too many rows, or early enough that the
+        oldest row is visible flush_interval after it came (a flush starts ahead by the last
+        one's duration, at most half the interval), or at once when no frame has come for
+        ``QUIET_SECONDS``."""
         interval = self.storage.flush_interval_seconds
         deadline = now - interval + min(self._last_flush_seconds, interval / 2)
+        if now - self._last_frame_at >= QUIET_SECONDS:
+            deadline = now  # the feed is quiet: whatever waits is due
         return (
             bool(self._buffer.due(now))
+            or self._parts_rows >= self.storage.max_rows_per_file
             or self.rows_buffered >= self.storage.max_buffered_rows
             or any(
                 since is not None and since <= deadline
@@ -453,7 +463,7 @@ class Pipeline:
             )
         )
 
-    async def _decode_frames(self) -> None:
+    async def decode_waiting(self) -> None:
         """Decode the plain frames received so far into Arrow rows (in the writer thread)."""
         frames, self._frames = self._frames, FrameBatch()
         self._in_flight_min_seq, self._in_flight_rows = frames.first_seq, len(frames.seq)

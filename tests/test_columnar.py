@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import recorder
 from recorder.columnar import CONTRACT, DATE, partitions, parts_schema
 from recorder.config import StorageConfig
 from recorder.flatten import plain_frame
-from recorder.pipeline import Pipeline
+from recorder.pipeline import DECODE_FRAMES, Pipeline
 from recorder.schema import TABLES
 from recorder.simdata import FeedVariants, Market, Subscription, make_contracts
 from tests.conftest import make_config, record_until
@@ -233,3 +234,49 @@ def test_readers_pause_while_memory_is_full_and_nothing_is_lost(
     counts = con.execute(f"SELECT count(*), count(DISTINCT seq) FROM aggregate {stream}")
     assert counts.fetchone() == (4000, 4000)
     assert rec.pipeline.stats.flushes >= 3
+
+
+def test_a_quiet_feed_is_written_at_once_not_after_the_flush_interval(
+    simulator: Any, tmp_path: Path
+) -> None:
+    """Once frames stop coming, the rows waiting are written within QUIET_SECONDS, although
+    the flush interval is an hour away."""
+    sim = simulator(contracts=4, rate=0, max_messages=300, fast=True)
+    storage = {"flush_interval_seconds": 3600.0, "fsync": False}
+    config = make_config(sim, tmp_path / "data", storage=storage)
+
+    rec = record_until(
+        config, lambda r: r.pipeline.stats.rows_written["aggregate"] >= 300, timeout=20
+    )
+
+    assert rec.pipeline.stats.rows_written["aggregate"] == 300
+    con = recorder.connect(tmp_path / "data")
+    assert con.execute("SELECT count(*) FROM aggregate WHERE source = 'stream'").fetchone() == (
+        300,
+    )
+
+
+def test_a_busy_feed_is_flushed_once_decoded_rows_fill_a_file(tmp_path: Path) -> None:
+    """Decoded rows are due for a flush once they fill a file (max_rows_per_file), however
+    far the flush interval is and while frames keep coming; below that, they wait."""
+    frames = feed(DECODE_FRAMES)  # one decoded batch: 20,000 messages, 120,000 rows
+
+    async def due_after_one_batch(max_rows_per_file: int) -> tuple[bool, int]:
+        storage = StorageConfig(
+            data_dir=str(tmp_path / str(max_rows_per_file)),
+            flush_interval_seconds=3600,
+            max_rows_per_file=max_rows_per_file,
+            fsync=False,
+        )
+        pipeline = Pipeline(Path(storage.data_dir), storage, TEHRAN, TEHRAN, None)
+        for i, frame in enumerate(frames):
+            pipeline.on_frame("conn", frame, RECEIVED + i)
+        now = time.monotonic()  # the feed is not quiet: the last frame came just now
+        await pipeline.decode_waiting()
+        due = pipeline.due(now)
+        rows = pipeline.rows_buffered
+        assert await pipeline.close()
+        return due, rows
+
+    assert asyncio.run(due_after_one_batch(100_000)) == (True, 120_000)
+    assert asyncio.run(due_after_one_batch(250_000)) == (False, 120_000)
