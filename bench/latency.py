@@ -140,10 +140,16 @@ def _messages(data_dir: Path) -> pa.Table:
     )
     con = duckdb.connect()
     con.register("ctimes", ctimes)
+    # day files ({t}/date=D/x) and contract files ({t}/date=D/contract=C/x) alike
+    root = data_dir.resolve()
+    by_table = {
+        t: [str(f) for f in files if f.resolve().relative_to(root).parts[0] == t]
+        for t in DATA_TABLES
+    }
     parts = " UNION ALL ".join(
         f"SELECT '{t}' AS t, seq, epoch_us(received_at) AS received_us, "
         "epoch_us(exchange_ts) AS exchange_us, filename "
-        f"FROM read_parquet('{data_dir}/{t}/*/*/*.parquet', filename = true) "
+        f"FROM read_parquet({by_table[t]!r}, filename = true, union_by_name = true) "
         "WHERE source = 'stream'"
         for t in DATA_TABLES
     )
