@@ -30,7 +30,7 @@ from pathlib import Path
 import pyarrow as pa
 import structlog
 
-from recorder.compactor import COMPRESSION_LEVEL, Compactor, Outcome, Partition, visible_files
+from recorder.compactor import COMPRESSION_LEVEL, Compactor, Outcome, Partition
 from recorder.progress import progress
 from recorder.state import STATE_DIR
 
@@ -41,7 +41,7 @@ log = structlog.get_logger("recorder.compaction")
 class Result:
     """What a compaction run did."""
 
-    compacted: int = 0
+    compacted: int = 0  # partition folders made one compacted file (a date fold: several)
     skipped: int = 0  # partitions already one compacted file
     files_before: int = 0
     bytes_before: int = 0
@@ -142,21 +142,20 @@ def compact(
 def _compact_one(compactor: Compactor, partition: Partition, result: Result) -> None:
     where = str(partition.folder.relative_to(compactor.data_dir))
     for _ in range(3):  # a flush landing during each attempt three times in a row is unlikely
-        before = sum((partition.folder / n).stat().st_size for n in partition.files)
         try:
-            outcome, rows, size = compactor.compact(partition)
+            done = compactor.compact(partition)
         except (OSError, pa.ArrowException) as exc:
             result.problems.append(f"{where}: {exc}")
             log.error("cannot compact a partition; left as it was", partition=where, error=str(exc))
             return
-        if outcome is Outcome.COMPACTED:
-            result.compacted += 1
-            result.files_before += len(partition.files)
-            result.bytes_before += before
-            result.bytes_after += size
-            result.rows += rows
+        if done.outcome is Outcome.COMPACTED:
+            result.compacted += done.partitions
+            result.files_before += done.files_before
+            result.bytes_before += done.bytes_before
+            result.bytes_after += done.bytes_after
+            result.rows += done.rows
             return
-        if outcome is Outcome.UNSAFE:
+        if done.outcome is Outcome.UNSAFE:
             result.problems.append(f"{where}: foreign, overlapping or unknown-column files")
             log.warning(
                 "partition left alone: foreign or overlapping files, or a column the schema "
@@ -164,7 +163,7 @@ def _compact_one(compactor: Compactor, partition: Partition, result: Result) -> 
                 partition=where,
             )
             return
-        partition = Partition(partition.key, partition.folder, visible_files(partition.folder))
+        partition = compactor.relisted(partition)
     log.info("partition keeps receiving flushes; compacted next time", partition=where)
 
 

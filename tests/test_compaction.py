@@ -37,7 +37,8 @@ from recorder.compactor import (
 )
 from recorder.config import CompactionConfig, load_config
 from recorder.errors import ConfigError
-from recorder.paths import seq_range
+from recorder.paths import encode_contract, seq_range
+from recorder.recovery import HighWater
 from recorder.schema import TABLES
 from recorder.simrunner import SimulatorThread
 from recorder.simulator import SimulatorOptions
@@ -89,18 +90,46 @@ def checksums(data_dir: Path) -> dict[str, tuple[int, int]]:
 
 
 def partitions(data_dir: Path) -> dict[Path, list[str]]:
-    """Every partition folder (relative) and the Parquet files visible in it."""
+    """Every partition folder (relative) and the Parquet files visible in it: each contract
+    folder, and each date folder holding files (day files, for a table partitioned by contract)."""
     found: dict[Path, list[str]] = {}
     for table in TABLES.values():
-        pattern = "date=*/contract=*" if table.by_contract else "date=*"
-        for folder in sorted((data_dir / table.name).glob(pattern)):
-            names = sorted(p.name for p in folder.iterdir() if p.name.endswith(".parquet"))
-            found[folder.relative_to(data_dir)] = names
-    return found
+        patterns = ["date=*", "date=*/contract=*"] if table.by_contract else ["date=*"]
+        for pattern in patterns:
+            for folder in sorted((data_dir / table.name).glob(pattern)):
+                names = sorted(p.name for p in folder.iterdir() if p.name.endswith(".parquet"))
+                if names or "contract=" in folder.name or not table.by_contract:
+                    found[folder.relative_to(data_dir)] = names
+    return dict(sorted(found.items()))
+
+
+def stored_keys(data_dir: Path) -> dict[Key, list[int]]:
+    """Every (table, date, contract) holding rows (contract None: a table not partitioned by
+    contract), and the seqs of its rows, read through the views."""
+    con = recorder.connect(data_dir)
+    keys: dict[Key, list[int]] = {}
+    for name, table in TABLES.items():
+        contract = "contract" if table.by_contract else "NULL"
+        query = f"SELECT date::VARCHAR, {contract}, list(seq) FROM {name} GROUP BY ALL"
+        for day, who, seqs in con.execute(query).fetchall():
+            keys[(name, day, who)] = seqs
+    con.close()
+    return keys
+
+
+def recovery_marks(data_dir: Path) -> dict[Key, int]:
+    """Per (table, date, contract) holding rows, the highest seq recovery takes as stored
+    there (recorder.recovery.HighWater); every stored row's seq is at or below it."""
+    water = HighWater(data_dir)
+    marks = {}
+    for key, seqs in stored_keys(data_dir).items():
+        marks[key] = water.get(key)
+        assert max(seqs) <= marks[key], key
+    return marks
 
 
 def high_water(files: dict[Path, list[str]]) -> dict[Path, int]:
-    """The highest seq named in each partition's files: what crash recovery goes by."""
+    """The highest seq named in each partition's files."""
     return {p: max(_last_seq(n) for n in names) for p, names in files.items() if names}
 
 
@@ -135,29 +164,50 @@ def store(multiday: Path, tmp_path: Path) -> Path:
     return copy
 
 
+def expected_compacted(data_dir: Path) -> dict[Path, list[str]]:
+    """The files compaction leaves: per contract with rows in a date (and per date folder of
+    the other tables), one compacted file whose seq range covers its folder's files and every
+    day file of its date."""
+    found = partitions(data_dir)
+    expected = {}
+    for (name, day, contract), _ in stored_keys(data_dir).items():
+        date_folder = Path(name) / f"date={day}"
+        spans = [seq_range(n) for n in found.get(date_folder, [])]
+        if contract is None:
+            folder = date_folder
+        else:
+            folder = date_folder / f"contract={encode_contract(contract)}"
+            spans += [seq_range(n) for n in found.get(folder, [])]
+        first, last = min(s[0] for s in spans if s), max(s[1] for s in spans if s)
+        expected[folder] = [f"{first:020d}-{last:020d}.c.parquet"]
+    return dict(sorted(expected.items()))
+
+
 def test_every_partition_becomes_one_sorted_file_with_the_same_rows(store: Path) -> None:
-    """Several dates and contracts: one file per partition, same counts and checksums, sorted."""
+    """Several dates and contracts, flushed as day files: one file per contract folder (and
+    per date of the other tables), same counts and checksums, sorted, no day file left."""
     before_files = partitions(store)
     before = checksums(store)
+    before_marks = recovery_marks(store)
+    expected = expected_compacted(store)
     assert len(dates(store)) >= 3
     assert sum(len(n) for n in before_files.values()) > 4 * len(before_files)
     assert before["quarantine"][0] > 0
     assert before["extras"][0] > 0
+    day_folders = [f for f in before_files if TABLES[f.parts[0]].by_contract]
+    assert day_folders
+    assert all(len(f.parts) == 2 for f in day_folders)  # the flushes wrote day files only
 
     result = compact(store, TEHRAN, now=FUTURE, bar=False)
 
     after_files = partitions(store)
-    assert after_files.keys() == before_files.keys()
-    for folder, names in after_files.items():
-        old = [seq_range(n) for n in before_files[folder]]
-        first, last = min(s[0] for s in old if s), max(s[1] for s in old if s)
-        assert names == [f"{first:020d}-{last:020d}.c.parquet"], folder
+    assert after_files == expected
     assert result.ok
-    assert result.compacted == len(before_files)
+    assert result.compacted == len(expected)
     assert result.files_before == sum(len(n) for n in before_files.values())
     assert result.rows == sum(rows for rows, _ in before.values())
     assert checksums(store) == before
-    assert high_water(after_files) == high_water(before_files)
+    assert recovery_marks(store) == before_marks
     assert_no_leftovers(store)
     assert verify(store).ok
 
@@ -170,7 +220,7 @@ def test_every_partition_becomes_one_sorted_file_with_the_same_rows(store: Path)
 
     inodes = {p: p.stat().st_ino for p in store.glob("*/date=*/**/*.parquet")}
     again = compact(store, TEHRAN, now=FUTURE, bar=False)
-    assert (again.compacted, again.skipped) == (0, len(before_files))
+    assert (again.compacted, again.skipped) == (0, len(after_files))
     assert {p: p.stat().st_ino for p in store.glob("*/date=*/**/*.parquet")} == inodes
 
 
@@ -361,12 +411,12 @@ def test_a_crash_at_any_step_of_the_swap_then_a_rerun_gives_the_same_store(
     """Crashed mid-swap: the store holds every row once (but for the fallback's window), a
     rerun finishes the job, and no staging folder or covered file is left."""
     before = checksums(store)
-    before_water = high_water(partitions(store))
+    before_marks = recovery_marks(store)
     crashing = Compactor(store, on_step=crash_at(step, 3), swap=exchange if atomic else refuse)
     with pytest.raises(Crash):
         compact(store, TEHRAN, days=[DAY1], bar=False, compactor=crashing)
 
-    assert high_water(partitions(store)) == before_water  # recovery's rule holds mid-crash
+    assert recovery_marks(store) == before_marks  # recovery's rule holds mid-crash
     if atomic or step != "linked":
         assert checksums(store) == before
     result = compact(store, TEHRAN, days=[DAY1], bar=False)
@@ -381,7 +431,7 @@ def test_a_crash_at_any_step_of_the_swap_then_a_rerun_gives_the_same_store(
 @pytest.mark.slow
 def test_kill_9_of_the_compact_command_then_a_rerun_gives_the_same_store(store: Path) -> None:
     """kill -9 of `ime-recorder compact` at three random instants mid-run, then a full run."""
-    before, water = checksums(store), high_water(partitions(store))
+    before, marks = checksums(store), recovery_marks(store)
     rng = random.Random(4)
     staging = store / "_state" / "compaction"
     command = [RECORDER, "compact", "--data-dir", str(store), "--timezone", "Asia/Tehran"]
@@ -393,7 +443,7 @@ def test_kill_9_of_the_compact_command_then_a_rerun_gives_the_same_store(store: 
         killed_mid_run += proc.poll() is None
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
-        assert high_water(partitions(store)) == water
+        assert recovery_marks(store) == marks
         assert checksums(store) == before
     assert killed_mid_run >= 2
     final = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -409,6 +459,15 @@ def test_kill_9_of_the_compact_command_then_a_rerun_gives_the_same_store(store: 
 def test_queries_during_compaction_never_see_a_row_twice_or_miss_one(store: Path) -> None:
     """Reads just before and after each swap, and a reader looping in a thread, see one result."""
     day = f"WHERE date = DATE '{DAY1}'"
+    # a view reads contract files, or day files, only if the table had one when it was made
+    # and fails once its glob matches nothing (see recorder.catalog.view_sql): as in a store
+    # that keeps recording, another date is compacted already and a later one has day files
+    assert compact(store, TEHRAN, days=[DAY2], bar=False).ok
+    for table in TABLES.values():
+        if table.by_contract:
+            first = min((store / table.name / f"date={DAY1}").glob("*.parquet"))
+            (store / table.name / "date=2099-01-01").mkdir()
+            shutil.copy(first, store / table.name / "date=2099-01-01" / first.name)
 
     def read(con: Any) -> dict[str, tuple[int, int]]:
         return read_checksums(con, day)
@@ -416,8 +475,11 @@ def test_queries_during_compaction_never_see_a_row_twice_or_miss_one(store: Path
     step_con = recorder.connect(store)
     expected = read(step_con)
     stepped: list[dict[str, tuple[int, int]]] = []
+    swaps: list[Key] = []
 
     def read_now(step: str, key: Key) -> None:
+        if step == "exchanged":
+            swaps.append(key)
         if step in ("locked", "exchanged"):  # just before and just after the swap
             stepped.append(read(step_con))
 
@@ -442,7 +504,8 @@ def test_queries_during_compaction_never_see_a_row_twice_or_miss_one(store: Path
         stop.set()
         reader.join()
     assert result.compacted >= 10
-    assert len(stepped) == 2 * result.compacted
+    assert sum(key[2] is None for key in swaps) >= 5  # the date folds of DAY1
+    assert len(stepped) == 2 * len(swaps)
     assert all(r == expected for r in stepped)
     assert looped, failures[:3]
     # on a failure, say which reads differed, in which tables, and how (seen, expected)
