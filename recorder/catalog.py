@@ -156,7 +156,13 @@ def empty_sql(table: Table) -> str:
     return f"SELECT {empty} WHERE false"
 
 
-def read_sql(table: Table, source: str, union_by_name: bool, day_files: bool = False) -> str:
+def read_sql(
+    table: Table,
+    source: str,
+    union_by_name: bool,
+    day_files: bool = False,
+    may_be_empty: bool = False,
+) -> str:
     """``SELECT`` every column of ``table``, typed, from ``read_parquet(source)``.
 
     Partition columns are typed explicitly (``date`` DATE, ``contract`` VARCHAR) so that
@@ -164,25 +170,41 @@ def read_sql(table: Table, source: str, union_by_name: bool, day_files: bool = F
     takes the columns of the first file and fails on a file that lacks one of them (it never
     reads it as something else). ``day_files``: ``source`` names day files, whose folders
     name only the date and which hold ``contract`` as a column.
+
+    ``may_be_empty``: ``source`` is a glob that may match nothing, which then gives no row
+    rather than an error (the files are read by name together with a typed empty row set),
+    so a view made before a kind of file exists reads it once it does, and one made while it
+    existed keeps working once compaction has removed the last of them. A column missing
+    from the first file then reads as NULL instead of failing, so it is only for globs whose
+    files :class:`FileSchemas` has checked (a file written later has every column).
     """
     columns = ", ".join(f"{c.name}::{c.type} AS {c.name}" for c in table.columns)
     by_folder = table.by_contract and not day_files
     hive_types = "{'date': 'DATE'" + (", 'contract': 'VARCHAR'}" if by_folder else "}")
     union = ", union_by_name = true" if union_by_name else ""
+    read = f"read_parquet({source}, hive_partitioning = true, hive_types = {hive_types}{union}"
+    if not may_be_empty:
+        return f"SELECT {columns} FROM {read})"
     return (
-        f"SELECT {columns} FROM read_parquet({source}, hive_partitioning = true, "
-        f"hive_types = {hive_types}{union})"
+        f"SELECT {columns} FROM (SELECT * FROM {read}, allow_empty = true) "
+        f"UNION ALL BY NAME {empty_sql(table)})"
     )
 
 
 def layered_sql(
-    table: Table, contract_source: str | None, day_source: str | None, union_by_name: bool
+    table: Table,
+    contract_source: str | None,
+    day_source: str | None,
+    union_by_name: bool,
+    may_be_empty: bool = False,
 ) -> str:
     """``SELECT`` every row of ``table`` from its contract files and its day files (a source
-    is None when there is no such file: DuckDB refuses a glob that matches nothing)."""
-    selects = [read_sql(table, contract_source, union_by_name)] if contract_source else []
+    is None when there is nothing to read); ``may_be_empty``: see :func:`read_sql`."""
+    selects = []
+    if contract_source:
+        selects.append(read_sql(table, contract_source, union_by_name, False, may_be_empty))
     if day_source:
-        selects.append(read_sql(table, day_source, union_by_name, day_files=True))
+        selects.append(read_sql(table, day_source, union_by_name, True, may_be_empty))
     return " UNION ALL ".join(selects) if selects else empty_sql(table)
 
 
@@ -192,33 +214,28 @@ def view_sql(
     files: list[Path] | None = None,
     con: duckdb.DuckDBPyConnection | None = None,
 ) -> str:
-    """The ``CREATE VIEW`` statement of one table, over its globs (files added later included).
+    """The ``CREATE VIEW`` statement of one table, over its globs: files added later are read
+    too, whichever kind (see :func:`read_sql`).
 
-    A table with no files yet is an empty view with the right columns, and the day files or
-    the contract files are read only if there was one when the view was made (call again to
-    see a kind of file that appeared since). ``union_by_name`` is used only while one of its
-    files lacks a column (written before the column was added), see :class:`FileSchemas`,
-    which reads the footers new to it with ``con``. ``files`` are the files the globs match
-    now, listed when not given, unless the table's folder is settled
-    (:meth:`FileSchemas.settled`).
+    ``union_by_name`` is used only while one of its files lacks a column (written before the
+    column was added), see :class:`FileSchemas`, which reads the footers new to it with
+    ``con``. ``files`` are the files the globs match now, listed when not given, unless the
+    table's folder is settled (:meth:`FileSchemas.settled`).
     """
     root = data_dir.resolve() / table.name
     depth = "*/*/*.parquet" if table.by_contract else "*/*.parquet"
     if files is None and SCHEMAS.settled(root) and _has_files(root, depth):
         union = False
-        has_contract_files = True
-        has_day_files = table.by_contract and _has_files(root, "*/*.parquet")
     else:
         files = table_files(data_dir, table) if files is None else files
         union = SCHEMAS.check(table, files, con) if files else False
         SCHEMAS.listed(root, files, union)
-        contract_files, day_files = split_files(table, files)
-        has_contract_files, has_day_files = bool(contract_files), bool(day_files)
     select = layered_sql(
         table,
-        _quote(table_glob(data_dir, table)) if has_contract_files else None,
-        _quote(day_glob(data_dir, table)) if has_day_files else None,
+        _quote(table_glob(data_dir, table)),
+        _quote(day_glob(data_dir, table)) if table.by_contract else None,
         union,
+        may_be_empty=True,
     )
     return f"CREATE OR REPLACE VIEW {table.name} AS {select}"
 

@@ -280,3 +280,30 @@ def test_a_busy_feed_is_flushed_once_decoded_rows_fill_a_file(tmp_path: Path) ->
 
     assert asyncio.run(due_after_one_batch(100_000)) == (True, 120_000)
     assert asyncio.run(due_after_one_batch(250_000)) == (False, 120_000)
+
+
+def test_a_view_reads_day_files_written_after_it_and_survives_their_compaction(
+    tmp_path: Path,
+) -> None:
+    """A catalog view made on an empty store reads the day files flushed later, and keeps
+    reading the same rows once compaction has folded every day file into contract files."""
+    from recorder.compaction import compact
+
+    con = recorder.connect(tmp_path)
+    per_contract = "SELECT contract, date, count(*) FROM aggregate GROUP BY ALL ORDER BY ALL"
+    assert con.execute(per_contract).fetchall() == []
+
+    record(tmp_path, feed(300), bulk=True)
+    day_files = sorted(tmp_path.glob("aggregate/*/*.parquet"))
+    before = con.execute(per_contract).fetchall()
+    days = sorted({d for _, d, _ in before})
+    compact(tmp_path, TEHRAN, days=days, bar=False)
+    after = con.execute(per_contract).fetchall()
+
+    assert len(days) == 1
+    assert len(day_files) == 2  # a flush half-way, then the rest
+    assert sum(n for *_, n in before) == 300
+    assert sorted(tmp_path.glob("aggregate/*/*.parquet")) == []
+    # one compacted file per contract and date
+    assert len(list(tmp_path.glob("aggregate/*/contract=*/*.c.parquet"))) == len(before)
+    assert after == before

@@ -72,7 +72,7 @@ def test_sigterm_mid_stream_loses_nothing_received(simulator: Any, tmp_path: Pat
     )
     try:
         wait_for(lambda: len(sim.sent) >= 3000, timeout=30, what="3000 frames sent")
-        wait_for(lambda: any(data_dir.glob("aggregate/*/*/*.parquet")), what="a first flush")
+        wait_for(lambda: any(data_dir.glob("aggregate/*/*.parquet")), what="a first flush")
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=15)
     finally:
