@@ -1,7 +1,9 @@
 """Accounting of a data directory: ``ime-recorder status`` and ``ime-recorder verify``.
 
 The invariant: every frame received is stored (rows in the data tables or ``extras``) or
-quarantined, exactly once: received = stored + quarantined.
+quarantined, exactly once: received = stored + quarantined. Rows are counted through the
+catalog's views, so a contract's rows count alike in day files (``contract`` a column) and in
+contract files (``contract`` the folder); see :mod:`recorder.paths`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from recorder.catalog import connect
+from recorder.catalog import connect, table_files
 from recorder.errors import FlattenError
 from recorder.flatten import flatten
 from recorder.journal import FRAME, SNAPSHOT, Journal
@@ -99,14 +101,14 @@ class Verification:
 
 
 def _readable_files(data_dir: Path, result: Verification) -> None:
+    root = data_dir.resolve()  # what table_files' paths are relative to
     for table in TABLES.values():
-        pattern = "*/*/*.parquet" if table.by_contract else "*/*.parquet"
-        for path in sorted((data_dir / table.name).glob(pattern)):
+        for path in sorted(table_files(root, table)):
             result.files += 1
             try:
                 pq.read_table(path)
             except (OSError, pa.ArrowException) as exc:
-                result.problems.append(f"unreadable file {path.relative_to(data_dir)}: {exc}")
+                result.problems.append(f"unreadable file {path.relative_to(root)}: {exc}")
 
 
 def _duplicates(con: duckdb.DuckDBPyConnection, result: Verification) -> None:

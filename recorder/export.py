@@ -12,7 +12,7 @@ from typing import Literal
 
 import duckdb
 
-from recorder.catalog import create_views
+from recorder.catalog import create_views, layered_sql, split_files
 from recorder.paths import encode_contract
 from recorder.progress import progress
 from recorder.schema import TABLES, Table
@@ -72,7 +72,9 @@ def select_files(
 ) -> list[Path]:
     """The Parquet files of the partitions in range: only those folders are listed and read.
 
-    An instant bound widens the date range by a day on each side, so a ``--timezone`` other
+    Per date, the contract files of ``contracts`` (every one: None) and the day files, which
+    hold every contract (see :mod:`recorder.paths`; :func:`export_sql` picks their rows). An
+    instant bound widens the date range by a day on each side, so a ``--timezone`` other
     than the recording's ``partition_timezone`` can cost reading more, never missing rows.
     """
     low = start.day - timedelta(days=1 if start.instant else 0) if start else date.min
@@ -89,12 +91,12 @@ def select_files(
             continue
         if not low <= day <= high:
             continue
-        if not table.by_contract:
-            files.extend(sorted(day_folder.glob("*.parquet")))
-            continue
-        for folder in sorted(day_folder.glob("contract=*")):
-            if wanted is None or folder.name in wanted:
-                files.extend(sorted(folder.glob("*.parquet")))
+        day_files = sorted(day_folder.glob("*.parquet"))  # listed first: see Store.files
+        if table.by_contract:
+            for folder in sorted(day_folder.glob("contract=*")):
+                if wanted is None or folder.name in wanted:
+                    files.extend(sorted(folder.glob("*.parquet")))
+        files.extend(day_files)
     return files
 
 
@@ -109,17 +111,13 @@ def export_sql(
     start: Bound | None,
     end: Bound | None,
 ) -> str:
-    """The query of an export: the rows of ``files`` in range, in (time, seq) order."""
-    columns = ", ".join(f"{c.name}::{c.type} AS {c.name}" for c in table.columns)
-    if not files:
-        empty = ", ".join(f"NULL::{c.type} AS {c.name}" for c in table.columns)
-        return f"SELECT {empty} WHERE false"
-    hive = "{'date': 'DATE'" + (", 'contract': 'VARCHAR'}" if table.by_contract else "}")
-    listing = "[" + ", ".join(_quote(str(p)) for p in files) + "]"
-    source = (
-        f"read_parquet({listing}, hive_partitioning = true, hive_types = {hive}, "
-        "union_by_name = true)"
-    )
+    """The query of an export: the rows of ``files`` in range, in (time, seq) order.
+
+    Contract files and day files are read as the catalog's two layers; the filter on
+    ``contract`` picks the rows of day files (DuckDB skips the row groups of other contracts).
+    """
+    contract_files, day_files = split_files(table, files)
+    source = layered_sql(table, _listing(contract_files), _listing(day_files), True)
     where = []
     time_column = _time_column(table)
     for bound, op, date_op in ((start, ">=", ">="), (end, "<", "<=")):
@@ -135,7 +133,11 @@ def export_sql(
     # time, seq, then every other column: the rows of one frame come out in a fixed order
     rest = [c.name for c in table.columns if c.name not in (time_column, "seq")]
     order = ", ".join([time_column, "seq", *rest])
-    return f"SELECT {columns} FROM {source}{condition} ORDER BY {order}"
+    return f"SELECT * FROM ({source}){condition} ORDER BY {order}"
+
+
+def _listing(files: list[Path]) -> str | None:
+    return "[" + ", ".join(_quote(str(p)) for p in files) + "]" if files else None
 
 
 def export(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from recorder.catalog import table_files
 from recorder.paths import seq_range
 from recorder.schema import TABLES
 
@@ -32,11 +33,11 @@ def fsync_dir(path: Path) -> None:
 
 
 def max_seq_on_disk(data_dir: Path) -> int:
-    """The highest seq named by any Parquet file of the data directory (0 when there is none)."""
+    """The highest seq named by any Parquet file of the data directory (0 when there is none):
+    day files and contract files (see :mod:`recorder.paths`)."""
     highest = 0
     for table in TABLES.values():
-        pattern = "*/*/*.parquet" if table.by_contract else "*/*.parquet"
-        for path in (data_dir / table.name).glob(pattern):
+        for path in table_files(data_dir, table):
             found = seq_range(path.name)
             if found is not None:
                 highest = max(highest, found[1])

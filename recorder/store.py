@@ -1,12 +1,16 @@
 """The Python API for backtests: typed tables, bars, as-of state and wire-exact replay.
 
 :class:`Store` reads a data directory without the recorder running. Every request builds its
-file list from the partition folders (``{table}/date=.../contract=...``) of the contracts and
-dates asked for, so a one-contract one-day request opens the same files whatever else the
-store holds; DuckDB then runs the views of ``schemas/views.sql`` over just those files. The
-files are listed again for every request (a file the recorder writes meanwhile is read by
-the next one); the DuckDB database and its views are made once per Store (see
-:class:`~recorder.storesql.Database`), and a Store may serve requests from several threads.
+file list from the date folders of the dates asked for (see :mod:`recorder.paths`): the
+contract files of the contracts asked for (``{table}/date=.../contract=...``) and the day
+files of those dates, whose rows are read under a filter on ``contract`` (their row-group
+statistics let DuckDB skip the other contracts' rows). So a one-contract one-day request
+opens that date's files only, whatever else the store holds, and gives the same rows
+whichever kind of file holds them; DuckDB then runs the views of ``schemas/views.sql`` over
+just those files. The files are listed again for every request (a file the recorder writes
+meanwhile is read by the next one); the DuckDB database and its views are made once per
+Store (see :class:`~recorder.storesql.Database`), and a Store may serve requests from
+several threads.
 
 Times (``start``, ``end``, ``ts``) are ``datetime`` (naive means UTC), ``date`` (midnight
 UTC) or ISO 8601 text; ranges are half-open, ``[start, end)``, on ``exchange_ts``.
@@ -39,6 +43,7 @@ from recorder.storesql import (
     Part,
     TimeLike,
     contract_filter,
+    day_filter,
     fork,
     frames,
     lacking,
@@ -55,6 +60,7 @@ Contracts = str | Iterable[str] | None
 #: instant is known only to lie within these bounds of its UTC date
 _BEHIND, _AHEAD = timedelta(hours=12), timedelta(hours=14)
 _ONE_US = timedelta(microseconds=1)
+_CONTRACT = "contract="
 #: tables read whole whatever the request: the sessions and gaps views need all of them
 _WHOLE = ("session_log", "rejections")
 _REPLAY_TABLES = (*DATA_TABLES, "extras")
@@ -77,7 +83,26 @@ def _visible(folder: Path) -> list[Path]:
         names = os.listdir(folder)
     except FileNotFoundError:
         return []
-    return [folder / n for n in sorted(names) if n.endswith(".parquet") and not n.startswith(".")]
+    return [folder / n for n in sorted(names) if _is_parquet(n)]
+
+
+def _date_listing(folder: Path) -> tuple[set[str], list[Path]]:
+    """One date folder of a table partitioned by contract: the names of its contract folders
+    and its day files (no temporary files), from one listing."""
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return set(), []
+    folders = {n for n in names if n.startswith(_CONTRACT)}
+    return folders, [folder / n for n in sorted(names) if _is_parquet(n)]
+
+
+def _is_parquet(name: str) -> bool:
+    return name.endswith(".parquet") and not name.startswith(".")
+
+
+def _folder_name(contract: str) -> str:
+    return _CONTRACT + encode_contract(contract)
 
 
 def _day(name: str) -> date | None:
@@ -90,10 +115,11 @@ def _day(name: str) -> date | None:
 
 
 def _without(files: list[Path], contracts: set[str]) -> list[Path]:
-    """``files`` minus those in a partition folder of one of ``contracts``."""
+    """``files`` minus those in a partition folder of one of ``contracts`` (day files stay:
+    their rows are left out by :func:`~recorder.storesql.day_filter`)."""
     if not contracts:
         return files
-    folders = {f"contract={encode_contract(c)}" for c in contracts}
+    folders = {_folder_name(c) for c in contracts}
     return [f for f in files if f.parent.name not in folders]
 
 
@@ -160,16 +186,6 @@ class Store:
             return [d for d in days if (root / f"date={d.isoformat()}").is_dir()]
         return [d for d in self._dates(table) if low <= d <= high]
 
-    def _contract_dirs(self, table: str, day: date, contracts: list[str] | None) -> list[Path]:
-        if contracts is not None:
-            return [self.data_dir / partition_dir(table, day.isoformat(), c) for c in contracts]
-        folder = self.data_dir / table / f"date={day.isoformat()}"
-        try:
-            names = sorted(os.listdir(folder))
-        except FileNotFoundError:
-            return []
-        return [folder / n for n in names if n.startswith("contract=")]
-
     def files(
         self,
         table: str,
@@ -177,7 +193,8 @@ class Store:
         start: TimeLike | None = None,
         end: TimeLike | None = None,
     ) -> list[Path]:
-        """The files of ``table`` that a request for ``contracts`` in ``[start, end)`` reads."""
+        """The files of ``table`` that a request for ``contracts`` in ``[start, end)`` reads:
+        per date, the contract files of ``contracts`` (all: None), then the day files."""
         spec = TABLES[table]
         chosen = _contract_list(contracts)
         if table in _WHOLE:
@@ -187,11 +204,21 @@ class Store:
         )
         out: list[Path] = []
         for day in self._days(table, low, high):
-            if spec.by_contract:
-                for folder in self._contract_dirs(table, day, chosen):
-                    out.extend(_visible(folder))
+            folder = self._date_dir(table, day)
+            if not spec.by_contract:
+                out.extend(_visible(folder))
+                continue
+            # the date folder is listed before its contract folders: a compaction folding
+            # day files into contract files in between leaves listed day files gone (the
+            # request lists again), not rows unread
+            folders, day_files = _date_listing(folder)
+            if chosen is None:
+                names = sorted(folders)
             else:
-                out.extend(_visible(self._date_dir(table, day)))
+                names = [n for n in map(_folder_name, chosen) if n in folders]
+            for name in names:
+                out.extend(_visible(folder / name))
+            out.extend(day_files)
         return out
 
     def _date_dir(self, table: str, day: date) -> Path:
@@ -203,37 +230,65 @@ class Store:
         """Files that can hold the last row at or before ``ts`` of each contract not ``found``.
 
         Date folders before ``low`` hold only rows before ``ts``, so per contract the latest
-        such folder is enough; the folders from ``low`` to ``high`` may hold rows on either side.
+        such folder where it has contract files is enough; the folders from ``low`` to
+        ``high`` may hold rows on either side. The day files of every date so read are read
+        too (a contract's later rows may be there), and, for every contract (``contracts``
+        None), those of every date up to ``high``: a contract may have only day files, which
+        are not compacted yet (a date is compacted once it has closed, so these are few).
         """
         low, high = self._date_bounds(ts, ts + _ONE_US)
         days = [d for d in self._dates(table) if d <= high]
-        names = contracts
-        if names is None:
+        listed: dict[date, tuple[set[str], list[Path]]] = {}
+
+        def listing(day: date) -> tuple[set[str], list[Path]]:
+            if day not in listed:
+                listed[day] = _date_listing(self._date_dir(table, day))
+            return listed[day]
+
+        if contracts is None:
             names = sorted(
-                {
-                    decode_contract(p.name[len("contract=") :])
-                    for d in days
-                    for p in self._contract_dirs(table, d, None)
-                }
+                {decode_contract(n[len(_CONTRACT) :]) for d in days for n in listing(d)[0]}
             )
+            read = set(days)
+        else:
+            names, read = contracts, set()
         out: list[Path] = []
         for contract in names:
             if contract in found:
                 continue
+            name = _folder_name(contract)
             for day in reversed(days):
-                files = _visible(self.data_dir / partition_dir(table, day.isoformat(), contract))
+                read.add(day)
+                folders = listing(day)[0]
+                files = _visible(self._date_dir(table, day) / name) if name in folders else []
                 out.extend(files)
                 if day < low and files:
                     break
+        for day in sorted(read):
+            out.extend(listing(day)[1])
         return out
 
     def contracts(self) -> list[str]:
         """Every contract that has data in any table, sorted."""
+
+        def day_files() -> Files:
+            return {
+                name: [
+                    f for d in self._dates(name) for f in _date_listing(self._date_dir(name, d))[1]
+                ]
+                for name in DATA_TABLES
+            }
+
         found: set[str] = set()
+        listed = day_files()  # before the folders: see files()
+        if any(listed.values()):
+            union = " UNION ".join(f"SELECT DISTINCT contract FROM {n}" for n in DATA_TABLES)
+            rows = self._query(day_files, lambda con: con.sql(union).fetchall(), listed)
+            found.update(row[0] for row in rows)
         for name in DATA_TABLES:
             for day in self._dates(name):
-                for folder in self._contract_dirs(name, day, None):
-                    found.add(decode_contract(folder.name[len("contract=") :]))
+                folders = _date_listing(self._date_dir(name, day))[0]
+                found.update(decode_contract(n[len(_CONTRACT) :]) for n in folders)
         return sorted(found)
 
     # ------------------------------------------------------------------ DuckDB
@@ -246,19 +301,21 @@ class Store:
     ) -> duckdb.DuckDBPyConnection:
         """DuckDB with every view of :func:`recorder.connect`, over only the files of a request.
 
-        The data tables hold whole partitions (rows outside ``[start, end)`` included): filter
-        on ``exchange_ts`` as well. ``sessions``, ``gaps`` and their tables are always whole.
+        The data tables hold every row of ``contracts`` on the dates the range can fall on
+        (rows outside ``[start, end)`` included): filter on ``exchange_ts`` as well.
+        ``sessions``, ``gaps`` and their tables are always whole.
         The connection is a cursor of the Store's database and its table views are its own
         (temporary): close it when done; a ``cursor()`` of it does not see them.
         """
-        files = self._request(TABLES, contracts, start, end)
+        chosen = _contract_list(contracts)
+        files = self._request(TABLES, chosen, start, end)
         probe = self._database.cursor({})  # its footer cache is the database's
         try:  # which files lack a column is known before: the caller's SQL cannot be retried
             for name, listed in files.items():
                 SCHEMAS.check(TABLES[name], listed, probe)
         finally:
             probe.close()
-        return self._connect(files)
+        return self._connect(files, day_filter(chosen))
 
     def _request(
         self,
@@ -269,14 +326,20 @@ class Store:
     ) -> Files:
         return {name: self.files(name, contracts, start, end) for name in tables}
 
-    def _connect(self, files: Files) -> duckdb.DuckDBPyConnection:
-        """A connection whose table views read exactly ``files`` (see :class:`Database`)."""
-        return self._database.cursor(files)
+    def _connect(self, files: Files, rows: str = "") -> duckdb.DuckDBPyConnection:
+        """A connection whose table views read exactly ``files``, the rows of day files that
+        meet ``rows`` (see :class:`Database` and :func:`~recorder.storesql.day_filter`)."""
+        return self._database.cursor(files, rows)
 
     def _query(
-        self, request: Callable[[], Files], work: Callable[[Any], T], files: Files | None = None
+        self,
+        request: Callable[[], Files],
+        work: Callable[[Any], T],
+        files: Files | None = None,
+        rows: str = "",
     ) -> T:
-        """``work`` on a connection over the files ``request`` lists (or ``files``, listed).
+        """``work`` on a connection over the files ``request`` lists (or ``files``, listed),
+        the rows of day files that meet ``rows``.
 
         Tried again (at most twice) when it failed because a file lacked a column (it is
         then read with ``union_by_name``, see :class:`recorder.catalog.FileSchemas`) or was
@@ -286,7 +349,7 @@ class Store:
             files = request() if files is None else files
             known = lacking(files)
             try:
-                con = self._connect(files)
+                con = self._connect(files, rows)
                 try:
                     return work(con)
                 finally:
@@ -320,7 +383,9 @@ class Store:
             sql, params = table_query(name, columns, chosen, start, end)
             return con.sql(sql, params=params).to_arrow_table()
 
-        return self._query(lambda: self._request(TABLES, chosen, start, end), work)
+        return self._query(
+            lambda: self._request(TABLES, chosen, start, end), work, rows=day_filter(chosen)
+        )
 
     def polars(
         self,
@@ -361,6 +426,7 @@ class Store:
         return self._query(
             lambda: self._request(["aggregate"], chosen, start, end),
             lambda con: con.sql(sql, params=[interval, tz, since, until, *params]).to_arrow_table(),
+            rows=day_filter(chosen),
         )
 
     def asof(self, ts: TimeLike, contracts: Contracts = None) -> pa.Table:
@@ -413,7 +479,10 @@ class Store:
             f"{where} ORDER BY contract"
         )
         params = [at, lookback, *params]
-        return self._query(request, lambda con: con.sql(sql, params=params).to_arrow_table(), files)
+        rows = day_filter(wanted, found if wanted is None else ())
+        return self._query(
+            request, lambda con: con.sql(sql, params=params).to_arrow_table(), files, rows
+        )
 
     # ------------------------------------------------------------------ replay
 
@@ -436,7 +505,11 @@ class Store:
             row = con.execute(sql, params * len(_REPLAY_TABLES)).fetchone()
             return int(row[0]) if row else 0
 
-        return self._query(lambda: self._request(_REPLAY_TABLES, chosen, start, end), work)
+        return self._query(
+            lambda: self._request(_REPLAY_TABLES, chosen, start, end),
+            work,
+            rows=day_filter(chosen),
+        )
 
     def id_keys(self) -> dict[str, str]:
         """``contractName`` for each contract recorded only through the name endpoint."""
@@ -524,7 +597,7 @@ class Store:
             known = lacking(files)
             opened: list[duckdb.DuckDBPyConnection] = []
             try:
-                opened.append(self._connect(files))
+                opened.append(self._connect(files, day_filter(chosen)))
                 streams: list[Iterator[Part]] = []
                 for name in _REPLAY_TABLES:
                     if not files[name]:

@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
 import duckdb
 
-from recorder.catalog import SCHEMAS, derived_views, empty_view_sql, read_sql
+from recorder.catalog import (
+    SCHEMAS,
+    derived_views,
+    empty_sql,
+    empty_view_sql,
+    read_sql,
+    split_files,
+)
 from recorder.flatten import Row
 from recorder.pipeline import SOURCE_SNAPSHOT
 from recorder.schema import TABLES, Table
 
 SNAPSHOT = SOURCE_SNAPSHOT  # the `source` of a message fetched as a live overview
 TimeLike = datetime | date | str
-#: the files a request reads, per table
+#: the files a request reads, per table (contract files and day files, see recorder.paths)
 Files = dict[str, list[Path]]
 _BATCH_ROWS = 8192
 
@@ -36,15 +43,44 @@ def sql_text(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+def day_filter(contracts: Iterable[str] | None, without: Iterable[str] = ()) -> str:
+    """The condition on ``contract`` under which a request reads the rows of day files, which
+    hold every contract of their date: those of ``contracts`` (None: every one) not
+    ``without`` (empty: no condition)."""
+    terms = []
+    if contracts is not None:
+        terms.append("contract IN (" + (", ".join(map(sql_text, contracts)) or "NULL") + ")")
+    excluded = ", ".join(map(sql_text, sorted(without)))
+    if excluded:
+        terms.append(f"contract NOT IN ({excluded})")
+    return " AND ".join(terms)
+
+
+def _listing(files: list[Path]) -> str:
+    return "[" + ", ".join(sql_text(str(f)) for f in files) + "]"
+
+
 def view_sql(
-    table: Table, files: list[Path], union_by_name: bool = False, temporary: bool = False
+    table: Table,
+    files: list[Path],
+    union_by_name: bool = False,
+    temporary: bool = False,
+    rows: str = "",
 ) -> str:
-    """A view of ``table`` over exactly ``files`` (the catalog's view, minus the glob)."""
-    if not files:
-        return empty_view_sql(table, temporary)
-    listing = "[" + ", ".join(sql_text(str(f)) for f in files) + "]"
+    """A view of ``table`` over exactly ``files`` (the catalog's view, minus the globs).
+
+    Contract files and day files are read as the catalog's two layers; ``rows`` (see
+    :func:`day_filter`) picks the rows of the day files, so that the view holds the same rows
+    whichever kind of file they are in (the contract files were picked by their folders).
+    """
+    contract_files, day_files = split_files(table, files)
+    selects = [read_sql(table, _listing(contract_files), union_by_name)] if contract_files else []
+    if day_files:
+        day = read_sql(table, _listing(day_files), union_by_name, day_files=True)
+        selects.append(f"{day} WHERE {rows}" if rows else day)
     kind = "TEMP VIEW" if temporary else "VIEW"
-    return f"CREATE OR REPLACE {kind} {table.name} AS {read_sql(table, listing, union_by_name)}"
+    select = " UNION ALL ".join(selects) if selects else empty_sql(table)
+    return f"CREATE OR REPLACE {kind} {table.name} AS {select}"
 
 
 class Database:
@@ -62,8 +98,9 @@ class Database:
         self._con: duckdb.DuckDBPyConnection | None = None
         self._lock = threading.Lock()
 
-    def cursor(self, files: Files) -> duckdb.DuckDBPyConnection:
-        """A connection whose table views read exactly ``files`` (close it when done)."""
+    def cursor(self, files: Files, rows: str = "") -> duckdb.DuckDBPyConnection:
+        """A connection whose table views read exactly ``files``, the rows of day files under
+        the condition ``rows`` (see :func:`day_filter`); close it when done."""
         with self._lock:
             if self._con is None:
                 con = duckdb.connect(":memory:")
@@ -79,7 +116,8 @@ class Database:
             for name, listed in files.items():
                 if listed:
                     union = SCHEMAS.lacking(listed)
-                    cursor.execute(view_sql(TABLES[name], listed, union, temporary=True))
+                    view = view_sql(TABLES[name], listed, union, temporary=True, rows=rows)
+                    cursor.execute(view)
         except BaseException:
             cursor.close()
             raise
@@ -161,9 +199,13 @@ def table_query(
         params.append(to_utc(end))
     if (start is not None or end is not None) and span is None and time_column is None:
         raise ValueError(f"{name} has no time column to filter on")
-    order: list[str] = [c for c in (time_column, "seq", "level") if c is not None and c in columns]
+    # the rows of one frame in extras differ only in section and json: ordered by them too,
+    # so that the order does not depend on the files' order (DuckDB's sort is not stable)
+    keys = (time_column, "seq", "level", "section", "json")
+    order: list[str] = [c for c in keys if c is not None and c in columns]
     if span is not None:
-        order = ["contract", span[0]] if "contract" in columns else [span[0]]
+        # sessions opened at once (one per connection) by name, so the order is fixed
+        order = [c for c in ("contract", span[0], "session") if c in columns or c == span[0]]
     sql = f"SELECT * FROM {name}"
     if where:
         sql += " WHERE " + " AND ".join(where)

@@ -9,6 +9,8 @@ from typing import Any
 
 import recorder
 from recorder.accounting import status, verify
+from recorder.catalog import table_files
+from recorder.schema import TABLES
 from tests.conftest import make_config, record_until
 from tests.test_daemon import RECORDER
 
@@ -63,7 +65,7 @@ def test_verify_passes_on_a_clean_recording_and_fails_on_a_lost_file(
     )
     assert clean.returncode == 0, clean.stdout
     assert clean.stdout.strip().endswith("200 journaled frames checked: OK")
-    victim = sorted(tmp_path.glob("contract_info/*/*/*.parquet"))[0]
+    victim = sorted(table_files(tmp_path, TABLES["contract_info"]))[0]  # a day file, as flushed
     lost = (
         recorder.connect(tmp_path)
         .execute(f"SELECT count(*) FROM read_parquet('{victim}')")
@@ -84,7 +86,7 @@ def test_verify_passes_on_a_clean_recording_and_fails_on_a_lost_file(
 def test_verify_reports_a_duplicated_file(simulator: Any, tmp_path: Path) -> None:
     """A Parquet file copied under a second name shows up as rows stored more than once."""
     _record(simulator, tmp_path)
-    original = sorted(tmp_path.glob("aggregate/*/*/*.parquet"))[0]
+    original = sorted(table_files(tmp_path, TABLES["aggregate"]))[0]
     rows = (
         recorder.connect(tmp_path)
         .execute(f"SELECT count(*) FROM read_parquet('{original}')")

@@ -15,6 +15,7 @@ from structlog.testing import capture_logs
 import recorder
 from recorder.compaction import compact
 from recorder.export import Bound, export, parse_bound, select_files, write_catalog
+from recorder.paths import is_day_file
 from recorder.progress import progress
 from recorder.schema import TABLES
 from tests.test_compaction import DAY1, DAY2, TEHRAN, record_multiday
@@ -143,19 +144,24 @@ def test_export_to_parquet_between_two_instants(store: Path, tmp_path: Path) -> 
     assert pq.ParquetFile(output).metadata.row_group(0).column(0).compression == "ZSTD"
 
 
-def test_only_the_partitions_in_range_are_read(store: Path) -> None:
-    """Contract and date filters pick folders; an instant widens the dates by a day each side."""
+def test_only_the_partitions_in_range_are_read(store: Path, tmp_path: Path) -> None:
+    """Contract and date filters pick folders (and every day file of the dates, whose rows the
+    export filters); an instant widens the dates by a day each side."""
     table = TABLES["best_limit"]
     picked = select_files(store, table, ["1002"], Bound(DAY2), Bound(DAY2))
-    folder = store / "best_limit" / f"date={DAY2}" / "contract=1002"
-    assert picked == sorted(folder.glob("*.parquet"))
-    assert len(picked) > 3
+    day_folder = store / "best_limit" / f"date={DAY2}"
+    contract_files = sorted((day_folder / "contract=1002").glob("*.parquet"))
+    day_files = sorted(day_folder.glob("*.parquet"))  # DAY2 is not compacted: as flushed
+    assert picked == contract_files + day_files
+    assert len(day_files) > 3
 
     noon = datetime(2025, 3, 2, 12, tzinfo=TEHRAN)
     around = select_files(store, table, None, Bound(DAY2, noon), Bound(DAY2, noon))
-    days = {p.parent.parent.name for p in around}
+    days = {(p.parent if is_day_file(p) else p.parent.parent).name for p in around}
     assert days == {f"date={d}" for d in (DAY1, DAY2, DAY2 + timedelta(days=1))}
-    assert select_files(store, table, ["nope"], None, None) == []
+    nobody = select_files(store, table, ["nope"], None, None)
+    assert nobody == sorted(store.glob("best_limit/*/*.parquet"))  # day files only
+    assert export(store, "best_limit", tmp_path / "nope.csv", "csv", contracts=["nope"]) == 0
 
 
 def test_an_empty_selection_writes_the_header_only(store: Path, tmp_path: Path) -> None:
