@@ -52,8 +52,10 @@ class FlatStore(Store):
 
     _db: duckdb.DuckDBPyConnection | None = None
 
-    def _connect(self, files: dict[str, list[Path]]) -> duckdb.DuckDBPyConnection:
-        """One database per store, a cursor with the flat views per call: as Store does."""
+    def _connect(self, files: dict[str, list[Path]], rows: str = "") -> duckdb.DuckDBPyConnection:
+        """One database per store, a cursor with the flat views per call: as Store does
+        (``rows``, Store's filter of day files on contract, is not needed: the flat views
+        filter on contract themselves)."""
         wanted, self._wanted = self._wanted, None
         if self._db is None:
             self._db = duckdb.connect(":memory:")
