@@ -13,6 +13,8 @@ times in fast mode only up to the frame pool, so the lag is read from the counts
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
 from typing import Any
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         "--fast", "--contracts", str(CONTRACTS), "--pace", str(args.rate), "--fast-batch", "32",
         name="memory-sim",
     )  # fmt: skip
-    config = write_config(work / "recorder.toml", sim, data, port)
+    config = write_config(work / "recorder.toml", sim, data, port, **json.loads(os.environ.get("BENCH_MEMORY_SECTIONS", "{}")))
     rec = RecorderProcess(config, port, work / "recorder.log")
     rss = RssSampler(rec.pid).start()
     cpu = CpuMeter([sim.pid, rec.pid])

@@ -51,6 +51,9 @@ DECODE_FRAMES = 20_000
 #: once no frame has come for this long, the rows waiting are written at once: nothing more
 #: is coming to batch them with (the end of a burst or of a session is visible promptly)
 QUIET_SECONDS = 0.5
+#: the rows a frame not decoded yet is taken to make until frames have been decoded: a full
+#: message (three book levels and three other sections); then the average seen so far
+ROWS_PER_FRAME = 6.0
 
 
 @dataclass
@@ -120,6 +123,7 @@ class Pipeline:
         self._frames = FrameBatch()  # plain frames not decoded yet
         self._parts: dict[str, list[pa.Table]] = {}  # decoded rows not written yet
         self._parts_rows = 0
+        self._rows_per_frame = ROWS_PER_FRAME  # rows per decoded frame, on average
         self._parts_min_seq: int | None = None
         self._parts_since: float | None = None
         self._in_flight_min_seq: int | None = None  # taken by a decode or flush under way
@@ -156,8 +160,10 @@ class Pipeline:
 
     @property
     def rows_buffered(self) -> int:
-        """Rows in memory waiting for a flush (a frame not decoded yet counts as one)."""
-        return self._buffer.rows + self._parts_rows + len(self._frames.seq) + self._in_flight_rows
+        """Rows in memory waiting for a flush (a frame not decoded yet counts as the rows it
+        will make, estimated from the frames decoded so far: memory is bounded by rows)."""
+        waiting = int(len(self._frames.seq) * self._rows_per_frame)
+        return self._buffer.rows + self._parts_rows + waiting + self._in_flight_rows
 
     # ------------------------------------------------------------------ hot path
 
@@ -466,7 +472,8 @@ class Pipeline:
     async def decode_waiting(self) -> None:
         """Decode the plain frames received so far into Arrow rows (in the writer thread)."""
         frames, self._frames = self._frames, FrameBatch()
-        self._in_flight_min_seq, self._in_flight_rows = frames.first_seq, len(frames.seq)
+        self._in_flight_min_seq = frames.first_seq
+        self._in_flight_rows = int(len(frames.seq) * self._rows_per_frame)
         try:
             loop = asyncio.get_running_loop()
             tables = await loop.run_in_executor(self._pool, self._decode, frames)
@@ -497,6 +504,9 @@ class Pipeline:
         try:
             tables = self._decoder.decode(frames)
             self.stats.decoded_in_bulk += len(frames)
+            rows = sum(t.num_rows for t in tables.values())
+            # a running average (a float written whole: the event loop reads it safely)
+            self._rows_per_frame = 0.5 * self._rows_per_frame + 0.5 * rows / len(frames)
             return tables
         except (duckdb.Error, pa.ArrowException) as exc:
             self._log_limited(
@@ -520,7 +530,9 @@ class Pipeline:
         parts, self._parts = self._parts, {}
         self._in_flight_min_seq = min((f for f in floors if f is not None), default=None)
         self._in_flight_rows = (
-            sum(len(b.rows) for b in batches) + len(frames.seq) + self._parts_rows
+            sum(len(b.rows) for b in batches)
+            + int(len(frames.seq) * self._rows_per_frame)
+            + self._parts_rows
         )
         self._parts_rows, self._parts_min_seq, self._parts_since = 0, None, None
         if not (batches or len(frames) or parts):
