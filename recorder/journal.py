@@ -112,7 +112,7 @@ class Journal:
         self._lock = threading.Lock()
         self._written = threading.Condition()
         self._wake = threading.Event()
-        self._pending: list[_Pending] = []
+        self._pending: list[_Pending] = []  # (record, seq, kind, connection, payload)
         self._closing = False
         self._release_below = 0
         self._released_checked = 0  # the release mark the segments were last checked for
@@ -179,7 +179,7 @@ class Journal:
         """Queue one record (event loop; no I/O)."""
         record = encode(kind, seq, received_us, connection, payload)
         with self._lock:
-            self._pending.append(_Pending(record, seq, kind, connection, payload))
+            self._pending.append((record, seq, kind, connection, payload))
             self.backlog_bytes += len(record)
 
     def release(self, below_seq: int) -> None:
@@ -230,9 +230,9 @@ class Journal:
             chunk, self._pending = self._pending, []
         if not chunk:
             return
-        data = b"".join(p.record for p in chunk)
+        data = b"".join([p[0] for p in chunk])
         if self._file is None or self._file_bytes >= self.segment_bytes:
-            self._rotate(chunk[0].seq)
+            self._rotate(chunk[0][1])
         assert self._file is not None
         before = self._file_bytes
         try:
@@ -255,10 +255,11 @@ class Journal:
             raise
         with self._lock:
             self.backlog_bytes -= len(data)
-        for pending in chunk:
-            self._sessions.observe(pending)
+        observe = self._sessions.observe_fields
+        for _, _, kind, connection, payload in chunk:
+            observe(kind, connection, payload)
         with self._written:
-            self.written_seq = chunk[-1].seq
+            self.written_seq = chunk[-1][1]
             self._written.notify_all()
 
     def recovered_up_to(self, seq: int) -> None:
@@ -334,13 +335,9 @@ class Journal:
         path.unlink()
 
 
-@dataclass(frozen=True, slots=True)
-class _Pending:
-    record: bytes
-    seq: int
-    kind: int
-    connection: str
-    payload: bytes
+#: a record queued by the event loop: (encoded record, seq, kind, connection, payload); a plain
+#: tuple, since the event loop makes one per frame
+_Pending = tuple[bytes, int, int, str, bytes]
 
 
 class SessionCounts:
@@ -349,13 +346,16 @@ class SessionCounts:
     def __init__(self) -> None:
         self.open: dict[str, dict[str, Any]] = {}
 
-    def observe(self, record: _Pending | Record) -> None:
-        if record.kind in (FRAME, SNAPSHOT):
-            session = self.open.get(record.connection)
+    def observe(self, record: Record) -> None:
+        self.observe_fields(record.kind, record.connection, record.payload)
+
+    def observe_fields(self, kind: int, connection: str, payload: bytes) -> None:
+        if kind in (FRAME, SNAPSHOT):
+            session = self.open.get(connection)
             if session is not None:
                 session["frames"] += 1
             return
-        event = orjson.loads(record.payload)
+        event = orjson.loads(payload)
         if "checkpoint" in event:
             self.open = {k: dict(v) for k, v in event["checkpoint"].items()}
         elif event.get("event") == "session_opened":
