@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> None:
         "--fast", "--contracts", str(CONTRACTS), "--pace", str(args.rate), "--fast-batch", "32",
         name="memory-sim",
     )  # fmt: skip
-    config = write_config(work / "recorder.toml", sim, data, port, **json.loads(os.environ.get("BENCH_MEMORY_SECTIONS", "{}")))
+    # trials of a setting only: the results are then not those of the default settings
+    overrides = json.loads(os.environ.get("BENCH_MEMORY_SECTIONS", "{}"))
+    config = write_config(work / "recorder.toml", sim, data, port, **overrides)
     rec = RecorderProcess(config, port, work / "recorder.log")
     rss = RssSampler(rec.pid).start()
     cpu = CpuMeter([sim.pid, rec.pid])
@@ -88,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     window = ended_wall - began_wall
     achieved = in_window / window
     result: dict[str, Any] = {
+        "config_overrides": overrides,
         "target_rate": args.rate,
         "seconds": round(window, 1),
         "sent_in_window": sent,
