@@ -70,6 +70,24 @@ class FrameBatch:
         self.contract.append(contract)
         self.frames.append(frame)
 
+    def chunks(self, size: int) -> list[FrameBatch]:
+        """This batch cut into batches of at most ``size`` frames, in order."""
+        if len(self.seq) <= size:
+            return [self]
+        out = []
+        for start in range(0, len(self.seq), size):
+            part = FrameBatch()
+            part.started = self.started
+            stop = start + size
+            part.seq = self.seq[start:stop]
+            part.received = self.received[start:stop]
+            part.exchange = self.exchange[start:stop]
+            part.day = self.day[start:stop]
+            part.contract = self.contract[start:stop]
+            part.frames = self.frames[start:stop]
+            out.append(part)
+        return out
+
     @property
     def first_seq(self) -> int | None:
         return self.seq[0] if self.seq else None

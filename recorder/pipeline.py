@@ -498,6 +498,18 @@ class Pipeline:
             self._parts_since = since
 
     def _decode(self, frames: FrameBatch) -> dict[str, pa.Table]:
+        """The rows of plain frames, decoded DECODE_FRAMES at a time (DuckDB's working memory
+        grows with the batch: a flush after the readers paused may hold millions)."""
+        pieces = [self._decode_chunk(chunk) for chunk in frames.chunks(DECODE_FRAMES)]
+        if len(pieces) == 1:
+            return pieces[0]
+        names = {name for piece in pieces for name in piece}
+        return {
+            name: pa.concat_tables([piece[name] for piece in pieces if name in piece])
+            for name in names
+        }
+
+    def _decode_chunk(self, frames: FrameBatch) -> dict[str, pa.Table]:
         """The rows of plain frames: DuckDB's bulk decoding, or frame by frame if it fails."""
         if not len(frames):
             return {}

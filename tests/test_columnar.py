@@ -14,7 +14,7 @@ import pyarrow as pa
 import pytest
 
 import recorder
-from recorder.columnar import CONTRACT, DATE, partitions, parts_schema
+from recorder.columnar import CONTRACT, DATE, FrameBatch, partitions, parts_schema
 from recorder.config import StorageConfig
 from recorder.flatten import plain_frame
 from recorder.pipeline import DECODE_FRAMES, ROWS_PER_FRAME, Pipeline
@@ -308,3 +308,33 @@ def test_a_view_reads_day_files_written_after_it_and_survives_their_compaction(
     # one compacted file per contract and date
     assert len(list(tmp_path.glob("aggregate/*/contract=*/*.c.parquet"))) == len(before)
     assert after == before
+
+
+def test_a_flush_decodes_a_big_backlog_a_batch_at_a_time_with_the_same_rows(
+    tmp_path: Path,
+) -> None:
+    """Frames piled up while the readers paused are decoded DECODE_FRAMES at a time (DuckDB's
+    working memory grows with the batch), in order, and give the per-frame rules' rows."""
+    frames = feed(DECODE_FRAMES + 700)
+    batch = FrameBatch()
+    for i, frame in enumerate(frames):
+        plain = plain_frame(frame, TEHRAN)
+        assert plain is not None
+        batch.add(i + 1, RECEIVED + i, plain[1], "d", plain[0], frame, 0.0)
+    chunks = batch.chunks(DECODE_FRAMES)
+    assert [len(c) for c in chunks] == [DECODE_FRAMES, 700]
+    assert [s for c in chunks for s in c.seq] == batch.seq
+    assert [f for c in chunks for f in c.frames] == batch.frames
+
+    async def run(bulk: bool, data_dir: Path) -> None:
+        storage = StorageConfig(data_dir=str(data_dir), flush_interval_seconds=3600, fsync=False)
+        pipeline = Pipeline(data_dir, storage, TEHRAN, TEHRAN, None, bulk_decode=bulk)
+        for i, frame in enumerate(frames):  # no flusher: all wait for the one flush
+            pipeline.on_frame("conn", frame, RECEIVED + i)
+        assert await pipeline.flush()
+        assert pipeline.stats.decoded_in_bulk == (len(frames) if bulk else 0)
+        assert await pipeline.close()
+
+    asyncio.run(run(True, tmp_path / "bulk"))
+    asyncio.run(run(False, tmp_path / "per-frame"))
+    assert everything(tmp_path / "bulk") == everything(tmp_path / "per-frame")
