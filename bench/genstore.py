@@ -26,7 +26,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from recorder.compactor import ROW_GROUP_ROWS, TAG
+from recorder.compactor import TAG
+from recorder.packing import ROW_GROUP_ROWS
 from recorder.paths import file_name, partition_dir
 from recorder.schema import TABLES
 

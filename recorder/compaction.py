@@ -4,7 +4,7 @@
 (those of the closed dates, or of the dates asked for), removes what a crashed run left,
 skips partitions already compacted (so a second run changes nothing) and shows progress.
 One run at a time per data directory (a lock file in ``_state``). Compacted files are written
-at zstd level 19 (``recorder.compactor.COMPRESSION_LEVEL``): 1.7 times the CPU of level 9
+at zstd level 19 (``recorder.packing.COMPRESSION_LEVEL``): 1.7 times the CPU of level 9
 for 2 % fewer bytes, affordable once per partition and off the recording's path.
 
 The daemon runs a pass at start-up (catching up on the dates that closed while it was down)
@@ -30,7 +30,8 @@ from pathlib import Path
 import pyarrow as pa
 import structlog
 
-from recorder.compactor import COMPRESSION_LEVEL, Compactor, Outcome, Partition
+from recorder.compactor import Compactor, Outcome, Partition
+from recorder.packing import COMPRESSION_LEVEL
 from recorder.progress import progress
 from recorder.state import STATE_DIR
 

@@ -58,11 +58,9 @@ whose seq lies in the range of one of its compacted files (they are in that file
 file that existed before the swap was one of its sources, and later flushes hold later
 seqs). A day file is never deleted before every contract's rows of it are in place.
 
-The compacted file is written once and kept, so it is written for size (:func:`write_compacted`):
-zstd at ``COMPRESSION_LEVEL`` (19; the flushes use ``storage.compression_level``, 1), each column
-in whichever of PLAIN, dictionary, DELTA_BINARY_PACKED and BYTE_STREAM_SPLIT compresses it
-smallest, columns without a null REQUIRED, statistics only where queries filter, and no Arrow
-schema in the footer. The views return the same columns, types and values as before it.
+The compacted file is written once and kept, so it is written for size
+(:func:`recorder.packing.write_compacted`). The views return the same columns, types and values
+as before it.
 """
 
 from __future__ import annotations
@@ -87,6 +85,7 @@ import pyarrow.parquet as pq
 import structlog
 
 from recorder.buffer import Key
+from recorder.packing import COMPRESSION_LEVEL, write_compacted
 from recorder.paths import decode_contract, encode_contract, file_name, seq_range
 from recorder.schema import CONTRACT_COLUMN, TABLES, Table
 from recorder.state import STATE_DIR, fsync_dir
@@ -97,16 +96,6 @@ log = structlog.get_logger("recorder.compactor")
 TAG = "c"  # compacted files are named {first}-{last}.c.parquet
 PLACEHOLDER = "p"  # a date fold's row-less marker in a contract folder: {s}-{s}.p.parquet
 STAGING = "compaction"  # {data_dir}/_state/compaction/<partition path>
-#: zstd level of compacted files: compaction is offline and once per partition, so zstd's
-#: strongest regular level (on the size benchmark: 2 % fewer bytes than level 9, 1.7 times the CPU)
-COMPRESSION_LEVEL = 19
-#: encodings are compared at this level, which ranks them nearly as 19 does at a fifth of the cost
-TRIAL_LEVEL = 9
-PLAIN = "PLAIN"
-DICTIONARY = "RLE_DICTIONARY"  # written with use_dictionary (pyarrow's column_encoding refuses it)
-#: rows per row group: small enough that a look-back (the as-of state) reads one group of
-#: each contract-day file, not all of it (row-group statistics on exchange_ts skip the rest)
-ROW_GROUP_ROWS = 16_384
 #: contracts whose rows a date fold reads from the day files at once (its memory bound)
 CHUNK_CONTRACTS = 64
 _DATE_FOLDER = re.compile(r"^date=(\d{4}-\d{2}-\d{2})$")
@@ -665,121 +654,6 @@ def _covered(names: Iterable[str]) -> list[str]:
         if s is not None
         and any(m != n and c[0] <= s[0] and s[1] <= c[1] for m, c in compacted.items())
     ]
-
-
-def write_compacted(
-    data: pa.Table, where: str | Path | pa.NativeFile, sort: list[str], level: int
-) -> pa.Table:
-    """Write ``data`` (sorted by ``sort``) in the compacted layout; returns the table as a
-    read of the file gives it back (columns without a null come back ``not null``).
-
-    The layout is chosen for size (the file is written once and read for years):
-
-    - zstd at ``level``, each column in the encoding that compresses it best
-      (:func:`choose_encodings`);
-    - columns without a null are REQUIRED (no definition levels to store);
-    - min/max statistics only on the columns queries filter on (:func:`statistics_columns`),
-      no page index, and no ``ARROW:schema`` in the footer: the Parquet types alone give
-      DuckDB and pyarrow the same column types (TIMESTAMPTZ, DATE, TIME, VARCHAR[], ...).
-    """
-    data = data.cast(required_where_complete(data))
-    encodings = choose_encodings(data, min(level, TRIAL_LEVEL))
-    pq.write_table(
-        data,
-        where,
-        compression="zstd",
-        compression_level=level,
-        use_dictionary=[n for n, e in encodings.items() if e == DICTIONARY],
-        column_encoding={n: e for n, e in encodings.items() if e not in (PLAIN, DICTIONARY)},
-        write_statistics=statistics_columns(data.schema),
-        write_page_index=False,
-        store_schema=False,
-        row_group_size=ROW_GROUP_ROWS,
-        sorting_columns=[pq.SortingColumn(data.column_names.index(k)) for k in sort],
-    )
-    return data
-
-
-def required_where_complete(data: pa.Table) -> pa.Schema:
-    """The schema of ``data`` with the columns that hold no null made non-nullable."""
-    return pa.schema([f.with_nullable(data.column(f.name).null_count > 0) for f in data.schema])
-
-
-def statistics_columns(schema: pa.Schema) -> list[str]:
-    """The columns given min/max statistics: the times queries filter on, ``exchange_ts``, or
-    in a table without it, its timestamps (``received_at``, ``opened_at``, ``closed_at``), as
-    the views, :mod:`recorder.storesql` and :mod:`recorder.export` filter.
-
-    DuckDB skips row groups by these. The statistics of any other column (``seq`` too, which
-    queries order and join by but do not filter on) would skip nothing that a partition folder
-    does not already skip, and cost about 90 bytes per column and file (footer and page
-    header): 0.35 bytes per message for ``seq`` alone on the size benchmark.
-    """
-    names = set(schema.names)
-    return [
-        f.name
-        for f in schema
-        if f.name == "exchange_ts" or ("exchange_ts" not in names and pa.types.is_timestamp(f.type))
-    ]
-
-
-def choose_encodings(data: pa.Table, level: int) -> dict[str, str]:
-    """Per column, the encoding whose zstd-compressed column chunk is smallest at ``level``.
-
-    Each candidate is written on its own and measured: what pays depends on the data, not
-    only on the type (timestamps that only grow take DELTA_BINARY_PACKED, but best_limit
-    repeats each one for every level, and there PLAIN compresses better; prices on a tick
-    grid take PLAIN or a dictionary; quantities BYTE_STREAM_SPLIT). Ties go to PLAIN.
-    """
-    chosen = {}
-    for field in data.schema:
-        column = data.column(field.name)
-        sizes: dict[str, int] = {}
-        for encoding in _candidates(field.type):
-            try:
-                sizes[encoding] = _chunk_bytes(field, column, encoding, level)
-            except (pa.ArrowNotImplementedError, pa.ArrowInvalid):
-                continue  # e.g. BYTE_STREAM_SPLIT of integers needs pyarrow 17
-        chosen[field.name] = min(sizes, key=sizes.__getitem__)
-    return chosen
-
-
-def _candidates(kind: pa.DataType) -> tuple[str, ...]:
-    if pa.types.is_floating(kind):
-        return (PLAIN, DICTIONARY, "BYTE_STREAM_SPLIT")
-    if _fixed_width_integer(kind):
-        return (PLAIN, DICTIONARY, "DELTA_BINARY_PACKED", "BYTE_STREAM_SPLIT")
-    return (PLAIN, DICTIONARY)
-
-
-def _fixed_width_integer(kind: pa.DataType) -> bool:
-    """Types stored as Parquet INT32/INT64 (integers, dates, times, timestamps)."""
-    return bool(
-        pa.types.is_integer(kind)
-        or pa.types.is_timestamp(kind)
-        or pa.types.is_time(kind)
-        or pa.types.is_date(kind)
-    )
-
-
-def _chunk_bytes(field: pa.Field, column: pa.ChunkedArray, encoding: str, level: int) -> int:
-    """The compressed bytes of ``column`` written alone with ``encoding``."""
-    sink = pa.BufferOutputStream()
-    pq.write_table(
-        pa.table([column], schema=pa.schema([field])),
-        sink,
-        compression="zstd",
-        compression_level=level,
-        use_dictionary=encoding == DICTIONARY,
-        column_encoding=None if encoding in (PLAIN, DICTIONARY) else {field.name: encoding},
-        write_statistics=False,
-        store_schema=False,
-        row_group_size=ROW_GROUP_ROWS,
-    )
-    meta = pq.ParquetFile(pa.BufferReader(sink.getvalue())).metadata
-    return sum(
-        meta.row_group(g).column(0).total_compressed_size for g in range(meta.num_row_groups)
-    )
 
 
 def _conform(schema: pa.Schema, part: pa.Table) -> pa.Table | None:

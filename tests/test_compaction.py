@@ -25,18 +25,17 @@ import recorder
 from recorder.accounting import verify
 from recorder.buffer import Batch, Key
 from recorder.compaction import closed_dates_end, compact, next_pass
-from recorder.compactor import (
+from recorder.compactor import Compactor, exchange
+from recorder.config import CompactionConfig, load_config
+from recorder.errors import ConfigError
+from recorder.packing import (
     COMPRESSION_LEVEL,
     TRIAL_LEVEL,
-    Compactor,
     _candidates,
     _chunk_bytes,
     choose_encodings,
-    exchange,
     statistics_columns,
 )
-from recorder.config import CompactionConfig, load_config
-from recorder.errors import ConfigError
 from recorder.paths import encode_contract, seq_range
 from recorder.recovery import HighWater
 from recorder.schema import TABLES
