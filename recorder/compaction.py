@@ -11,7 +11,8 @@ The daemon runs a pass at start-up (catching up on the dates that closed while i
 and then ``compaction.after_seconds`` after each local midnight of ``partition_timezone``.
 Each pass looks at every closed date, so late rows that reached a date after its compaction
 (a snapshot re-sent with an old timestamp, a journal replay) are folded in by the next pass.
-The work runs in a thread and stops between two partitions when the daemon stops.
+The work runs in a thread and stops between two partitions when the daemon stops. The
+intraday merge of the open dates' day files (:mod:`recorder.merging`) takes the same run lock.
 """
 
 from __future__ import annotations

@@ -58,6 +58,9 @@ whose seq lies in the range of one of its compacted files (they are in that file
 file that existed before the swap was one of its sources, and later flushes hold later
 seqs). A day file is never deleted before every contract's rows of it are in place.
 
+The intraday merge of an open date's day files (:mod:`recorder.merging`) swaps its date
+folder with the same staging, locks (:meth:`Compactor.date_locks`) and exchange.
+
 The compacted file is written once and kept, so it is written for size
 (:func:`recorder.packing.write_compacted`). The views return the same columns, types and values
 as before it.
@@ -343,7 +346,7 @@ class Compactor:
         before = sum((partition.folder / n).stat().st_size for n in partition.files)
         name = file_name(ranges[0][0], ranges[-1][1], TAG)
         relative = partition.folder.relative_to(self.data_dir)
-        staged = self._fresh_staging(partition.folder)
+        staged = self.fresh_staging(partition.folder)
         size = self._write_verified(table, data, staged / name)
         self._step("staged", partition.key)
         self._step("verified", partition.key)
@@ -364,9 +367,7 @@ class Compactor:
 
     def _install(self, partition: Partition, staged: Path, name: str) -> None:
         """Make the compacted file the partition's only file (called under the partition lock)."""
-        if self._swap(staged, partition.folder):
-            fsync_dir(partition.folder.parent)
-            fsync_dir(staged.parent)
+        if self.exchange(staged, partition.folder):
             self._step("exchanged", partition.key)
             return
         # the file system cannot exchange: the compacted file first, then the old ones go
@@ -400,7 +401,7 @@ class Compactor:
         for plan in plans:
             replaced += [f"{plan.folder}/{n}" for n in plan.replaced if not _is_placeholder(n)]
         before = sum(_size(live, n) for n in replaced)
-        staged = self._fresh_staging(live)
+        staged = self.fresh_staging(live)
         try:
             rows, after, written = self._build(table, live, staged, listing, plans)
         except _Unsafe:
@@ -409,10 +410,7 @@ class Compactor:
             return Done(Outcome.UNSAFE)
         self._step("staged", key)
         self._step("verified", key)  # each file was read back as it was written
-        with (
-            partition_lock(self.data_dir, key),  # the flushes of day files
-            partition_lock(self.data_dir, (key[0], key[1], _ANY_CONTRACT)),  # contract files
-        ):
+        with self.date_locks(key):
             self._step("locked", key)
             if list_date(live) != listing:
                 outcome = Outcome.CHANGED
@@ -480,9 +478,7 @@ class Compactor:
         self, key: Key, live: Path, staged: Path, listing: DateListing, plans: list[_Contract]
     ) -> None:
         """Make the staged date folder the live one (called under both locks)."""
-        if self._swap(staged, live):
-            fsync_dir(live.parent)
-            fsync_dir(staged.parent)
+        if self.exchange(staged, live):
             self._step("exchanged", key)
             return
         # the file system cannot exchange: the compacted files first (a reader may see their
@@ -503,9 +499,40 @@ class Compactor:
                 fsync_dir(live / plan.folder)
         self._step("unlinked", key)
 
+    # ------------------------------------------------------------------ shared with merges
+
+    @contextlib.contextmanager
+    def date_locks(self, key: Key) -> Iterator[None]:
+        """Both locks that order writes into the date folder of ``key`` (``(table, date,
+        None)``): the one every flush of day files takes, then the one of contract files."""
+        with (
+            partition_lock(self.data_dir, key),  # the flushes of day files
+            partition_lock(self.data_dir, (key[0], key[1], _ANY_CONTRACT)),  # contract files
+        ):
+            yield
+
+    def step(self, name: str, key: Key) -> None:
+        """Tell ``on_step`` that a swap reached step ``name`` (tests inject crashes there)."""
+        self._step(name, key)
+
+    def exchange(self, staged: Path, live: Path) -> bool:
+        """Exchange ``staged`` and ``live`` and make it durable; False when the file system
+        cannot (nothing changed then)."""
+        if not self._swap(staged, live):
+            return False
+        fsync_dir(live.parent)
+        fsync_dir(staged.parent)
+        return True
+
+    def drop_staging(self, staged: Path) -> None:
+        """Delete a staging folder and the empty folders above it."""
+        shutil.rmtree(staged)
+        self._prune(staged.parent)
+
     # ------------------------------------------------------------------ files
 
-    def _fresh_staging(self, live: Path) -> Path:
+    def fresh_staging(self, live: Path) -> Path:
+        """An empty staging folder for the live folder ``live`` (one it had is deleted)."""
         staged = self.staging / live.relative_to(self.data_dir)
         if staged.exists():
             shutil.rmtree(staged)
@@ -607,7 +634,7 @@ def _read_days(table: Table, paths: list[Path], contracts: list[str]) -> pa.Tabl
     wanted = pc.field(CONTRACT_COLUMN).isin(contracts)
     parts = []
     for path in paths:
-        part = _conform(table.day_schema, pq.read_table(path, filters=wanted))
+        part = conform(table.day_schema, pq.read_table(path, filters=wanted))
         if part is None:
             raise _Unsafe(str(path))
         parts.append(part)
@@ -627,7 +654,7 @@ def _contract_rows(
         mine = mine.filter(pc.invert(inside))
     parts = []
     for name in plan.sources:
-        part = _conform(table.arrow_schema, pq.ParquetFile(folder / name).read())
+        part = conform(table.arrow_schema, pq.ParquetFile(folder / name).read())
         if part is None:
             raise _Unsafe(str(folder / name))
         parts.append(part)
@@ -656,7 +683,7 @@ def _covered(names: Iterable[str]) -> list[str]:
     ]
 
 
-def _conform(schema: pa.Schema, part: pa.Table) -> pa.Table | None:
+def conform(schema: pa.Schema, part: pa.Table) -> pa.Table | None:
     """``part`` in ``schema``: a missing column becomes nulls, a column of another type is cast;
     None when it has a column ``schema`` does not know (compacting would drop it)."""
     if set(part.column_names) - set(schema.names):
@@ -675,7 +702,7 @@ def _read(table: Table, paths: list[Path]) -> pa.Table | None:
     column (compacting would drop it)."""
     parts = []
     for path in paths:
-        part = _conform(table.arrow_schema, pq.ParquetFile(path).read())
+        part = conform(table.arrow_schema, pq.ParquetFile(path).read())
         if part is None:
             return None
         parts.append(part)

@@ -75,6 +75,7 @@ class JournalConfig(_Section, frozen=True):
 class CompactionConfig(_Section, frozen=True):
     enabled: bool = True  # the daemon compacts every date once it has closed
     after_seconds: float = 900.0  # after local midnight in storage.partition_timezone
+    merge_interval_seconds: float = 600.0  # the open date's day files merged; 0 = off
 
 
 class LogConfig(_Section, frozen=True):
@@ -211,6 +212,8 @@ def _check(config: Config) -> None:
         raise ConfigError(f"feed.stable_after_seconds: must be 0 or more, got {stable}")
     if not 0 <= config.compaction.after_seconds < math.inf:
         raise ConfigError("compaction.after_seconds: must be 0 or more")
+    if not 0 <= config.compaction.merge_interval_seconds < math.inf:
+        raise ConfigError("compaction.merge_interval_seconds: must be 0 (off) or more")
     if not 0 <= config.journal.retention_days < math.inf:
         raise ConfigError("journal.retention_days: must be 0 or more")
     if not 1 <= storage.compression_level <= 22:

@@ -25,6 +25,7 @@ from recorder.config import Config, Credentials
 from recorder.discovery import Discovery
 from recorder.errors import AllRefusedError, AuthError, ConfigError, TransientError
 from recorder.feed import FeedConnection
+from recorder.merging import AutoMerge
 from recorder.metrics import InstrumentedPipeline, MetricsServer
 from recorder.pipeline import Pipeline
 from recorder.recovery import recover
@@ -92,9 +93,19 @@ async def record(
     compaction = AutoCompaction(
         config.data_dir, config.partition_tz, config.compaction.after_seconds
     )
+    # the open date's day files are merged as the day goes: see recorder.merging
+    merging = AutoMerge(
+        config.data_dir,
+        config.partition_tz,
+        config.compaction.after_seconds,
+        config.compaction.merge_interval_seconds,
+        config.storage.max_rows_per_file,
+    )
     try:
         if config.compaction.enabled:
             compaction.start()
+            if config.compaction.merge_interval_seconds > 0:
+                merging.start()
         async with aiohttp.ClientSession(connector=connector, trace_configs=[trace]) as session:
             tokens = TokenProvider(session, config.auth, credentials)
             await tokens.token()  # a refused login stops start-up here, before any stream
@@ -145,6 +156,7 @@ async def record(
                 await events.close()
     finally:
         try:
+            await merging.close()
             await compaction.close()
             flushed = await pipeline.close()
             log.info(
