@@ -75,7 +75,7 @@ from recorder.packing import statistics_columns
 from recorder.paths import file_name, seq_range
 from recorder.schema import CONTRACT_COLUMN, TABLES, Table
 from recorder.state import fsync_dir
-from recorder.writer import _FLUSH_GROUP_ROWS
+from recorder.writer import FLUSH_GROUP_ROWS
 
 log = structlog.get_logger("recorder.merging")
 
@@ -242,7 +242,7 @@ class Merger:
             compression_level=self.compression_level,
             use_dictionary=True,
             write_statistics=[CONTRACT_COLUMN, *statistics_columns(data.schema)],
-            row_group_size=_FLUSH_GROUP_ROWS,
+            row_group_size=FLUSH_GROUP_ROWS,
             sorting_columns=[
                 pq.SortingColumn(data.column_names.index(CONTRACT_COLUMN)),
                 pq.SortingColumn(data.column_names.index("seq")),

@@ -34,7 +34,7 @@ _PARTITIONING = ds.partitioning(pa.schema([(_PART, pa.int32())]), flavor="hive")
 _ROW_GROUP_ROWS = 128 * 1024
 #: rows per row group of a flush's files: a day file's rows are ordered by contract, and a
 #: one-contract read skips the groups whose statistics name other contracts only
-_FLUSH_GROUP_ROWS = 32 * 1024
+FLUSH_GROUP_ROWS = 32 * 1024
 _OPEN_FILES = 32
 _libc = ctypes.CDLL(None, use_errno=True)
 _syncfs = getattr(_libc, "syncfs", None)
@@ -186,7 +186,7 @@ class ParquetWriter:
                 file_options=self._options,
                 basename_template=name + "-{i}.parquet",
                 preserve_order=True,
-                max_rows_per_group=_FLUSH_GROUP_ROWS,
+                max_rows_per_group=FLUSH_GROUP_ROWS,
                 max_partitions=len(indexes) + 1,
                 # parts arrive one after the other, so a file closed early gets no more rows;
                 # each open file holds its column buffers and compressors in memory
