@@ -48,6 +48,10 @@ SOURCE_STREAM, SOURCE_SNAPSHOT = "stream", "snapshot"
 DUPLICATE = "duplicate: the same contract and timestamp came on two streams"
 #: plain frames decoded together by DuckDB (about 15 MB of JSON)
 DECODE_FRAMES = 20_000
+#: frames decoded together at most: a flush after the readers paused may hold hundreds of
+#: thousands, and DuckDB's working memory grows with the batch (a bigger batch decodes
+#: faster per frame: 20,000 at a time cost 12 % of the throughput)
+DECODE_CHUNK_FRAMES = 100_000
 #: once no frame has come for this long, the rows waiting are written at once: nothing more
 #: is coming to batch them with (the end of a burst or of a session is visible promptly)
 QUIET_SECONDS = 0.5
@@ -498,9 +502,8 @@ class Pipeline:
             self._parts_since = since
 
     def _decode(self, frames: FrameBatch) -> dict[str, pa.Table]:
-        """The rows of plain frames, decoded DECODE_FRAMES at a time (DuckDB's working memory
-        grows with the batch: a flush after the readers paused may hold millions)."""
-        pieces = [self._decode_chunk(chunk) for chunk in frames.chunks(DECODE_FRAMES)]
+        """The rows of plain frames, decoded DECODE_CHUNK_FRAMES at a time."""
+        pieces = [self._decode_chunk(chunk) for chunk in frames.chunks(DECODE_CHUNK_FRAMES)]
         if len(pieces) == 1:
             return pieces[0]
         names = {name for piece in pieces for name in piece}

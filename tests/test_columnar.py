@@ -17,7 +17,7 @@ import recorder
 from recorder.columnar import CONTRACT, DATE, FrameBatch, partitions, parts_schema
 from recorder.config import StorageConfig
 from recorder.flatten import plain_frame
-from recorder.pipeline import DECODE_FRAMES, ROWS_PER_FRAME, Pipeline
+from recorder.pipeline import DECODE_CHUNK_FRAMES, DECODE_FRAMES, ROWS_PER_FRAME, Pipeline
 from recorder.schema import TABLES
 from recorder.simdata import FeedVariants, Market, Subscription, make_contracts
 from tests.conftest import make_config, record_until
@@ -313,16 +313,17 @@ def test_a_view_reads_day_files_written_after_it_and_survives_their_compaction(
 def test_a_flush_decodes_a_big_backlog_a_batch_at_a_time_with_the_same_rows(
     tmp_path: Path,
 ) -> None:
-    """Frames piled up while the readers paused are decoded DECODE_FRAMES at a time (DuckDB's
-    working memory grows with the batch), in order, and give the per-frame rules' rows."""
-    frames = feed(DECODE_FRAMES + 700)
+    """Frames piled up while the readers paused are decoded DECODE_CHUNK_FRAMES at a time
+    (DuckDB's working memory grows with the batch), in order, and give the per-frame rules'
+    rows."""
+    frames = feed(DECODE_CHUNK_FRAMES + 700)
     batch = FrameBatch()
     for i, frame in enumerate(frames):
         plain = plain_frame(frame, TEHRAN)
         assert plain is not None
         batch.add(i + 1, RECEIVED + i, plain[1], "d", plain[0], frame, 0.0)
-    chunks = batch.chunks(DECODE_FRAMES)
-    assert [len(c) for c in chunks] == [DECODE_FRAMES, 700]
+    chunks = batch.chunks(DECODE_CHUNK_FRAMES)
+    assert [len(c) for c in chunks] == [DECODE_CHUNK_FRAMES, 700]
     assert [s for c in chunks for s in c.seq] == batch.seq
     assert [f for c in chunks for f in c.frames] == batch.frames
 
