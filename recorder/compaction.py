@@ -184,8 +184,39 @@ def next_pass(now: datetime, tz: tzinfo, after_seconds: float) -> datetime:
     return midnight.astimezone(UTC) + timedelta(seconds=after_seconds)
 
 
-class AutoCompaction:
+class BackgroundPasses:
+    """A daemon task that runs passes over a data directory in a thread (:meth:`_run`);
+    :meth:`close` sets ``_stop`` (the loop) and ``_halt`` (the pass in hand stops at its next
+    step) and waits for it."""
+
+    name = "passes"
+
+    def __init__(self, data_dir: Path, tz: tzinfo, after_seconds: float) -> None:
+        self.data_dir = data_dir
+        self.tz = tz
+        self.after_seconds = after_seconds
+        self.passes = 0
+        self._stop = asyncio.Event()
+        self._halt = threading.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=self.name)
+
+    async def close(self) -> None:
+        self._stop.set()
+        self._halt.set()
+        if self._task is not None:
+            await self._task
+
+    async def _run(self) -> None:
+        raise NotImplementedError
+
+
+class AutoCompaction(BackgroundPasses):
     """A background task of the daemon; :meth:`close` stops it after the partition in hand."""
+
+    name = "compaction"
 
     def __init__(
         self,
@@ -194,23 +225,8 @@ class AutoCompaction:
         after_seconds: float,
         compression_level: int = COMPRESSION_LEVEL,
     ) -> None:
-        self.data_dir = data_dir
-        self.tz = tz
-        self.after_seconds = after_seconds
+        super().__init__(data_dir, tz, after_seconds)
         self.compression_level = compression_level
-        self.passes = 0
-        self._stop = asyncio.Event()
-        self._halt = threading.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="compaction")
-
-    async def close(self) -> None:
-        self._stop.set()
-        self._halt.set()
-        if self._task is not None:
-            await self._task
 
     async def _run(self) -> None:
         while not self._stop.is_set():

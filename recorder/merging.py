@@ -350,9 +350,11 @@ def _merge_one(
     log.info("date folder keeps changing; merged next time", date=where)
 
 
-class AutoMerge:
+class AutoMerge(compaction.BackgroundPasses):
     """A background task of the daemon: a merge pass every ``interval_seconds``; :meth:`close`
     stops it after the run in hand."""
+
+    name = "merging"
 
     def __init__(
         self,
@@ -362,24 +364,9 @@ class AutoMerge:
         interval_seconds: float,
         max_rows: int = MERGED_ROWS,
     ) -> None:
-        self.data_dir = data_dir
-        self.tz = tz
-        self.after_seconds = after_seconds
+        super().__init__(data_dir, tz, after_seconds)
         self.interval_seconds = interval_seconds
         self.max_rows = max_rows
-        self.passes = 0
-        self._stop = asyncio.Event()
-        self._halt = threading.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="merging")
-
-    async def close(self) -> None:
-        self._stop.set()
-        self._halt.set()
-        if self._task is not None:
-            await self._task
 
     async def _run(self) -> None:
         while True:

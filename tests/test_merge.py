@@ -347,18 +347,17 @@ def test_a_merge_waits_for_no_compaction(tmp_path: Path) -> None:
 
 
 def test_the_daemons_merge_task_stops_at_once() -> None:
-    """close() ends the task during its wait, without waiting for the interval."""
+    """close() ends the task during its wait, without waiting for the hour-long interval
+    (the bound is generous: this is not a timing target, waiting would take an hour)."""
 
-    async def run() -> float:
+    async def run() -> int:
         merging = AutoMerge(Path("/nonexistent"), TEHRAN, 0.0, 3600.0)
         merging.start()
         await asyncio.sleep(0.05)
-        started = time.monotonic()
-        await merging.close()
-        assert merging.passes == 0
-        return time.monotonic() - started
+        await asyncio.wait_for(merging.close(), timeout=60)
+        return merging.passes
 
-    assert asyncio.run(run()) < 1.0
+    assert asyncio.run(run()) == 0
 
 
 @pytest.mark.parametrize("interval", [0.2, 0.0])
