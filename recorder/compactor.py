@@ -340,7 +340,8 @@ class Compactor:
         ranges = sorted(s for s in spans if s is not None)
         if any(a[1] >= b[0] for a, b in itertools.pairwise(ranges)):
             return Done(Outcome.UNSAFE)
-        data = _read(table, [partition.folder / n for n in partition.files])
+        paths = [partition.folder / n for n in partition.files]
+        data = read_sorted(paths, table.arrow_schema, sort_keys(table))
         if data is None:
             return Done(Outcome.UNSAFE)
         before = sum((partition.folder / n).stat().st_size for n in partition.files)
@@ -697,15 +698,15 @@ def conform(schema: pa.Schema, part: pa.Table) -> pa.Table | None:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-def _read(table: Table, paths: list[Path]) -> pa.Table | None:
-    """Every row of ``paths`` in the current schema, sorted; None when a file has an unknown
-    column (compacting would drop it)."""
+def read_sorted(paths: list[Path], schema: pa.Schema, keys: list[str]) -> pa.Table | None:
+    """Every row of ``paths`` in ``schema``, sorted by ``keys``; None when a file has a
+    column ``schema`` does not know (rewriting it would drop that column)."""
     parts = []
     for path in paths:
-        part = conform(table.arrow_schema, pq.ParquetFile(path).read())
+        part = conform(schema, pq.ParquetFile(path).read())
         if part is None:
             return None
         parts.append(part)
     merged = pa.concat_tables(parts).combine_chunks()
     # a stable sort: the rows of one frame (one seq) keep their order
-    return merged.sort_by([(k, "ascending") for k in sort_keys(table)])
+    return merged.sort_by([(k, "ascending") for k in keys])

@@ -70,10 +70,10 @@ import structlog
 from recorder import compaction
 from recorder.buffer import Key
 from recorder.compaction import CompactionBusy, closed_dates_end, run_lock
-from recorder.compactor import Compactor, DateListing, Outcome, conform, list_date
+from recorder.compactor import Compactor, DateListing, Outcome, list_date, read_sorted
 from recorder.packing import statistics_columns
 from recorder.paths import file_name, seq_range
-from recorder.schema import CONTRACT_COLUMN, TABLES, Table
+from recorder.schema import CONTRACT_COLUMN, TABLES
 from recorder.state import fsync_dir
 from recorder.writer import FLUSH_GROUP_ROWS
 
@@ -184,7 +184,8 @@ class Merger:
                 self.compactor.drop_staging(staged)
                 return None
             sources = [listing.day_files[i] for i in run]
-            data = _read(table, [live / n for n in sources])
+            paths = [live / n for n in sources]
+            data = read_sorted(paths, table.day_schema, [CONTRACT_COLUMN, "seq"])
             if data is None:  # a column the schema does not know: merging would drop it
                 self.compactor.drop_staging(staged)
                 return Merged(Outcome.UNSAFE)
@@ -259,20 +260,6 @@ class Merger:
 def _overlapping(spans: Sequence[tuple[int, int]]) -> bool:
     """Whether two of the seq ranges ``spans`` (in name order) overlap."""
     return any(a[1] >= b[0] for a, b in itertools.pairwise(spans))
-
-
-def _read(table: Table, paths: list[Path]) -> pa.Table | None:
-    """The rows of day files ``paths`` (in name order) in the day files' schema, sorted by
-    (contract, seq); None when one has a column the schema does not know."""
-    parts = []
-    for path in paths:
-        part = conform(table.day_schema, pq.ParquetFile(path).read())
-        if part is None:
-            return None
-        parts.append(part)
-    data = pa.concat_tables(parts).combine_chunks()
-    # a stable sort: the rows of one frame (one seq) keep their order
-    return data.sort_by([(CONTRACT_COLUMN, "ascending"), ("seq", "ascending")])
 
 
 def _link(live: Path, staged: Path, listing: DateListing, keep: Callable[[str], bool]) -> None:
