@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from recorder.buffer import Batch
+from recorder.flatten import BULK_LEVELS
 from recorder.schema import SECTION_TABLES, TABLES, Table
 from recorder.writer import CONTRACT, DATE, Part, to_arrow
 
@@ -120,9 +121,9 @@ def _json_structure() -> str:
     for section, name in SECTION_TABLES.items():
         table = TABLES[name]
         fields = {c.field: _DUCK_TYPES[c.kind or ""] for c in table.wire_columns if c.field}
-        if table.levels:
+        if table.levels:  # a STRUCT of the levels (plain_frame checked the keys)
             struct = ", ".join(f"{_quote(f)} {t}" for f, t in fields.items())
-            data[section] = f"MAP(VARCHAR, STRUCT({struct}))"
+            data[section] = {level: f"STRUCT({struct})" for level in BULK_LEVELS}
         else:
             data[section] = fields
     return json.dumps({"data": data})
@@ -136,7 +137,9 @@ def _value(column: Any, source: str) -> str:
 
 
 def _table_sql(name: str) -> str:
-    """The rows of one data table from the decoded batch ``j``, in seq (and level) order."""
+    """The rows of one data table from the decoded batch ``j``; a frame's levels in ascending
+    order, the frames in any order (:func:`partitions` orders rows by seq, then as they come).
+    """
     table = TABLES[name]
     section = next(s for s, t in SECTION_TABLES.items() if t == name)
     head = (
@@ -145,18 +148,18 @@ def _table_sql(name: str) -> str:
     )
     path = f"j.data.{_quote(section)}"
     wire = [c for c in table.wire_columns if c.field]
-    if table.levels:
+    if table.levels:  # unnest keeps a list's order: the levels come as plain_frame saw them
         values = ", ".join(_value(c, "e.value") for c in wire)
+        levels = ", ".join(
+            f"{{'level': {int(level)}, 'value': {path}.{_quote(level)}}}" for level in BULK_LEVELS
+        )
         return (
-            f"SELECT {head}, CAST(e.key AS INTEGER) AS level, {values}, 'stream' AS source "
-            f"FROM (SELECT *, unnest(map_entries({path})) AS e, "
-            f"generate_subscripts(map_entries({path}), 1) AS i FROM j WHERE {path} IS NOT NULL) "
-            "ORDER BY seq, i"
+            f"SELECT {head}, e.level::INTEGER AS level, {values}, 'stream' AS source "
+            f"FROM (SELECT *, unnest([{levels}]) AS e FROM j WHERE {path} IS NOT NULL) "
+            "WHERE e.value IS NOT NULL"
         )
     values = ", ".join(_value(c, path) for c in wire)
-    return (
-        f"SELECT {head}, {values}, 'stream' AS source FROM j WHERE {path} IS NOT NULL ORDER BY seq"
-    )
+    return f"SELECT {head}, {values}, 'stream' AS source FROM j WHERE {path} IS NOT NULL"
 
 
 _STRUCTURE = _json_structure()

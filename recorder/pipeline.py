@@ -248,7 +248,8 @@ class Pipeline:
         *,
         plain: bool = True,
     ) -> None:
-        # plain=False: the frame is known not to be plain (on_frame checked it already)
+        # plain=False: on_frame found the frame not plain (or its book not one bulk decoding
+        # takes): the full rules take it
         message = flatten_fast(frame, self._naive_tz) if plain else None
         if message is None:  # not a plain frame: the full rules decide
             try:

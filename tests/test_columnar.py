@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import duckdb
 import orjson
 import pyarrow as pa
 import pytest
@@ -93,6 +94,54 @@ def test_bulk_decoding_stores_exactly_the_rows_of_the_full_rules(
     assert folders == {
         p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("contract=*")
     }
+
+
+def _reshape_book(frame: bytes, keys: tuple[str, ...]) -> bytes:
+    """``frame`` with its book's levels re-keyed to ``keys``, in that order (level 1 repeated
+    where the frame has fewer levels)."""
+    message = orjson.loads(frame)
+    levels = list(message["data"]["BestLimit"].values())
+    message["data"]["BestLimit"] = {k: levels[min(i, len(levels) - 1)] for i, k in enumerate(keys)}
+    return orjson.dumps(message)
+
+
+def in_file_order(data_dir: Path, table: str, columns: str = "*") -> list[tuple[Any, ...]]:
+    """``columns`` of every row of ``table``'s files, file by file, in the files' order."""
+    con = duckdb.connect()
+    try:
+        return [
+            row
+            for path in sorted(data_dir.glob(f"{table}/**/*.parquet"))
+            for row in con.sql(f"SELECT {columns} FROM read_parquet('{path}')").fetchall()
+        ]
+    finally:
+        con.close()
+
+
+def test_books_bulk_decoding_does_not_take_are_stored_as_the_full_rules_store_them(
+    tmp_path: Path,
+) -> None:
+    """DuckDB reads a book as the documented levels "1" to "3": a frame whose book has
+    another level, or its levels out of order, is flattened on its own instead. Both kinds
+    are stored row for row (and in the files' order) as the per-frame rules store them."""
+    shapes = [("1", "2", "3", "4"), ("2", "1"), ("3", "2", "1"), ("1", "3"), ("3",), ("1", "2")]
+    frames = feed(60)
+    for i, keys in enumerate(shapes * 5):
+        frames[2 * i] = _reshape_book(frames[2 * i], keys)
+    bulk = record(tmp_path / "bulk", frames, bulk=True)
+    record(tmp_path / "one", frames, bulk=False)
+
+    assert everything(tmp_path / "bulk") == everything(tmp_path / "one")
+    # the last three shapes are ascending documented levels: decoded in bulk, as plain books
+    taken = [keys for keys in shapes * 5 if keys in (("1", "3"), ("3",), ("1", "2"))]
+    assert bulk.stats.decoded_in_bulk == 60 - 30 + len(taken) == 45
+    stored = in_file_order(tmp_path / "bulk", "best_limit")
+    assert stored == in_file_order(tmp_path / "one", "best_limit")
+    levels: dict[int, list[int]] = {}  # seq: its levels, in file order
+    for seq, level in in_file_order(tmp_path / "bulk", "best_limit", "seq, level"):
+        levels.setdefault(seq, []).append(level)
+    shown = {tuple(v) for v in levels.values()}
+    assert {(1, 2, 3, 4), (2, 1), (3, 2, 1), (1, 3), (3,), (1, 2)} <= shown
 
 
 def test_overlap_duplicates_are_quarantined_on_the_bulk_path(tmp_path: Path) -> None:
