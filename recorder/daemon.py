@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
+import pyarrow as pa
 import structlog
 
 from recorder.auth import TokenProvider, ssl_context
@@ -72,6 +73,7 @@ async def record(
     # restored when recording ends (an embedding program keeps its own setting)
     switch = sys.getswitchinterval()
     sys.setswitchinterval(GIL_SWITCH_SECONDS)
+    release_freed_memory()
     tls = ssl_context(config.auth)  # checks on; auth.ca_bundle adds a CA
     pipeline = InstrumentedPipeline(
         config.data_dir,
@@ -170,6 +172,16 @@ async def record(
         finally:
             await metrics.close()
             sys.setswitchinterval(switch)
+
+
+def release_freed_memory() -> None:
+    """Have Arrow allocate with the C library's malloc (unless ARROW_DEFAULT_MEMORY_POOL says
+    otherwise): it gives a flush's buffers, megabytes each, back to the system when they are
+    freed, where Arrow's default (mimalloc) keeps them for reuse. At 100,000 messages/s
+    offered the recorder's RSS held at ~450-500 MB instead of ~630-660 MB, at the same rate.
+    """
+    if "ARROW_DEFAULT_MEMORY_POOL" not in os.environ:
+        pa.set_memory_pool(pa.system_memory_pool())
 
 
 def install_stop_signals(stop: asyncio.Event) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import pyarrow as pa
 import pytest
 
 import recorder
@@ -241,3 +242,35 @@ def test_odd_contract_names_round_trip_and_stay_inside_the_data_dir(
     assert written
     assert all(len(parts) == 3 for parts in written)
     assert {parts[0] for parts in written} <= {*TABLES}
+
+
+@pytest.mark.parametrize(("chosen", "expected"), [(None, "system"), ("mimalloc", "mimalloc")])
+def test_a_recorder_allocates_arrow_memory_with_malloc_unless_told_otherwise(
+    simulator: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    chosen: str | None,
+    expected: str,
+) -> None:
+    """While recording, Arrow's buffers come from the C library's malloc, which returns a
+    flush's freed megabytes to the system (Arrow's default pool keeps them); a pool named in
+    ARROW_DEFAULT_MEMORY_POOL is kept. The rows are stored either way."""
+    default = pa.default_memory_pool()
+    pa.set_memory_pool(pa.mimalloc_memory_pool())
+    if chosen is None:
+        monkeypatch.delenv("ARROW_DEFAULT_MEMORY_POOL", raising=False)
+    else:
+        monkeypatch.setenv("ARROW_DEFAULT_MEMORY_POOL", chosen)
+    sim = simulator(contracts=3, rate=0, max_messages=30)
+    seen: list[str] = []
+    try:
+        record_until(
+            make_config(sim, tmp_path),
+            lambda r: r.pipeline.stats.frames == 30,
+            during=lambda r: seen.append(pa.default_memory_pool().backend_name),
+        )
+    finally:
+        pa.set_memory_pool(default)
+    assert seen and set(seen) == {expected}
+    con = recorder.connect(tmp_path)
+    assert con.execute("SELECT count(DISTINCT seq) FROM aggregate").fetchone() == (30,)
