@@ -271,6 +271,7 @@ def test_a_recorder_allocates_arrow_memory_with_malloc_unless_told_otherwise(
         )
     finally:
         pa.set_memory_pool(default)
-    assert seen and set(seen) == {expected}
+    assert seen
+    assert set(seen) == {expected}
     con = recorder.connect(tmp_path)
     assert con.execute("SELECT count(DISTINCT seq) FROM aggregate").fetchone() == (30,)
