@@ -200,7 +200,7 @@ class Pipeline:
         day = self._local_day(exchange_us)
         self._frames.add(seq, received_us, exchange_us, day, contract, raw, now)
         self.stats.last_message_at[contract] = received_us / 1e6
-        if len(self._frames.seq) >= DECODE_FRAMES:
+        if len(self._frames.seq) == DECODE_FRAMES:  # once: the flusher takes every frame
             self._wake.set()
         return seq
 
