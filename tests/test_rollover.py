@@ -90,27 +90,56 @@ def test_a_stream_across_midnight_lands_in_two_dates_and_the_closed_one_is_compa
 def test_compacting_the_open_date_while_recording_loses_and_duplicates_nothing(
     simulator: Any, tmp_path: Path
 ) -> None:
-    """`compact` in a loop on the dates being written: every frame's rows stored exactly once."""
-    total = 1200
+    """`compact` in a loop on the dates being written: every frame's rows stored exactly once.
+
+    Every ``step`` frames the feed pauses until the rows received are flushed and a
+    compaction that started after that has ended, so each step's day files are folded by a
+    compaction of their own while the recording goes on, however fast or slow the machine
+    (counting the compactions that fit in a timed recording was not: a busy machine fit 8).
+    """
+    total, step = 1200, 100
     sim = simulator(contracts=3, rate=400, max_messages=total, keep_sent=True)
     config = make_config(sim, tmp_path, storage={"flush_interval_seconds": 0.05})
     stop = threading.Event()
     runs: list[Result] = []
+    started = 0  # compactions begun
+    pause: dict[str, int] = {}  # "emptied": compactions begun when the last rows were flushed
+    resumed = 0
 
     def compact_in_a_loop() -> None:
+        nonlocal started
         while not stop.is_set():
             days = {date.fromisoformat(p.name[5:]) for p in tmp_path.glob("*/date=*")}
+            started += 1
             runs.append(compact(tmp_path, TEHRAN, days=days, bar=False))
+
+    def interleave(r: Recorder) -> None:
+        nonlocal resumed
+        if not pause:
+            if r.pipeline.stats.frames >= (resumed + 1) * step:
+                sim.pause()
+                pause["paused"] = 1
+        elif "emptied" not in pause:
+            if r.pipeline.rows_buffered == 0:
+                pause["emptied"] = started
+        elif len(runs) > pause["emptied"]:  # a compaction begun after the flush has ended
+            pause.clear()
+            resumed += 1
+            sim.resume()
 
     compactor = threading.Thread(target=compact_in_a_loop)
     compactor.start()
     try:
-        record_until(config, lambda r: r.pipeline.stats.frames == total, timeout=60)
+        record_until(
+            config, lambda r: r.pipeline.stats.frames == total, timeout=100, during=interleave
+        )
     finally:
         stop.set()
         compactor.join()
 
-    assert sum(r.compacted for r in runs) >= 10
+    assert resumed == total // step - 1  # the last pause ends the recording
+    # each step's rows were flushed after the previous pause: folded by a compaction of its own
+    assert sum(1 for r in runs if r.compacted) >= total // step
     assert all(r.ok for r in runs)
     assert len(sim.sent) == total
     expected = expected_rows(sim.sent)
