@@ -89,6 +89,19 @@ class FrameBatch:
             out.append(part)
         return out
 
+    def take_chunks(self, size: int) -> list[FrameBatch]:
+        """:meth:`chunks`, leaving this batch empty (``started`` kept): the chunks alone hold
+        the frames, so each chunk's raw frames are freed once it is dropped."""
+        whole = FrameBatch()
+        whole.started = self.started
+        whole.seq, self.seq = self.seq, []
+        whole.received, self.received = self.received, []
+        whole.exchange, self.exchange = self.exchange, []
+        whole.day, self.day = self.day, []
+        whole.contract, self.contract = self.contract, []
+        whole.frames, self.frames = self.frames, []
+        return whole.chunks(size)
+
     @property
     def first_seq(self) -> int | None:
         return self.seq[0] if self.seq else None

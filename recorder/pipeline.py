@@ -503,8 +503,13 @@ class Pipeline:
             self._parts_since = since
 
     def _decode(self, frames: FrameBatch) -> dict[str, pa.Table]:
-        """The rows of plain frames, decoded DECODE_CHUNK_FRAMES at a time."""
-        pieces = [self._decode_chunk(chunk) for chunk in frames.chunks(DECODE_CHUNK_FRAMES)]
+        """The rows of plain frames, decoded DECODE_CHUNK_FRAMES at a time; ``frames`` is left
+        empty, and each chunk's raw frames are freed once decoded (a backlog's frames and
+        its rows are not all in memory at once)."""
+        chunks = frames.take_chunks(DECODE_CHUNK_FRAMES)
+        pieces = []
+        while chunks:
+            pieces.append(self._decode_chunk(chunks.pop(0)))
         if len(pieces) == 1:
             return pieces[0]
         names = {name for piece in pieces for name in piece}
@@ -556,10 +561,10 @@ class Pipeline:
             return True
         started = time.monotonic()
         loop = asyncio.get_running_loop()
+        job = [batches, frames, parts]  # _write takes them: it alone holds them then
+        del batches, frames, parts
         try:
-            written, failed, error = await loop.run_in_executor(
-                self._pool, self._write, batches, frames, parts
-            )
+            written, failed, error = await loop.run_in_executor(self._pool, self._take_write, job)
         finally:
             self._in_flight_min_seq, self._in_flight_rows = None, 0
         for file in written:
@@ -607,18 +612,30 @@ class Pipeline:
             "journal", "journal write failed; frames kept and retried", error=str(error)
         )
 
+    def _take_write(
+        self, job: list[Any]
+    ) -> tuple[list[WrittenFile], dict[str, list[pa.Table]], StorageError | None]:
+        """:meth:`_write` of the flush's ``[batches, frames, parts]``, emptying ``job``."""
+        batches, frames, parts = job
+        job.clear()
+        return self._write(batches, frames, parts)
+
     def _write(
         self, batches: list[Batch], frames: FrameBatch, parts: dict[str, list[pa.Table]]
     ) -> tuple[list[WrittenFile], dict[str, list[pa.Table]], StorageError | None]:
         """One flush, in the writer thread: decode, sort, cut into files and write them.
 
         Returns the files written, the rows not written (kept for the next flush) and the
-        error that stopped the flush, if any.
+        error that stopped the flush, if any. Rows are copied once, into file order; the
+        frames and rows they come from are let go as soon as they are not needed (``frames``
+        is left empty), so a flush holds about one copy of its rows, not three.
         """
         tables = {name: list(rows) for name, rows in parts.items()}
+        parts.clear()
         for source in (self._decode(frames), batches_to_parts(batches)):
             for name, rows in source.items():
                 tables.setdefault(name, []).append(rows)
+        batches.clear()
         try:
             merged = {name: pa.concat_tables(rows) for name, rows in tables.items()}
             newest = max(int(pc.max(rows.column("seq")).as_py()) for rows in merged.values())
@@ -631,6 +648,7 @@ class Pipeline:
                 files.extend(cut)
         except pa.ArrowException as exc:  # a defect, not bad input: keep every row, say so
             return [], tables, StorageError(f"cannot arrange rows into files: {exc}")
+        del tables, merged, rows  # `ordered` holds every row, in file order
         written, failed, error = self._writer.write_parts(ordered, files)
         kept: dict[str, list[pa.Table]] = {}
         for part in failed:

@@ -375,6 +375,10 @@ def test_a_flush_decodes_a_big_backlog_a_batch_at_a_time_with_the_same_rows(
     assert [len(c) for c in chunks] == [DECODE_CHUNK_FRAMES, 700]
     assert [s for c in chunks for s in c.seq] == batch.seq
     assert [f for c in chunks for f in c.frames] == batch.frames
+    # a flush takes the chunks: the batch is left empty, so decoded chunks free their frames
+    taken = batch.take_chunks(DECODE_CHUNK_FRAMES)
+    assert [(c.seq, c.frames) for c in taken] == [(c.seq, c.frames) for c in chunks]
+    assert (len(batch), batch.frames, batch.started) == (0, [], 0.0)
 
     async def run(bulk: bool, data_dir: Path) -> None:
         storage = StorageConfig(data_dir=str(data_dir), flush_interval_seconds=3600, fsync=False)
