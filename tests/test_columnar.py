@@ -15,7 +15,15 @@ import pyarrow as pa
 import pytest
 
 import recorder
-from recorder.columnar import CONTRACT, DATE, FrameBatch, partitions, parts_schema
+from recorder.buffer import Batch
+from recorder.columnar import (
+    CONTRACT,
+    DATE,
+    FrameBatch,
+    batches_to_parts,
+    partitions,
+    parts_schema,
+)
 from recorder.config import StorageConfig
 from recorder.flatten import plain_frame
 from recorder.pipeline import DECODE_CHUNK_FRAMES, DECODE_FRAMES, ROWS_PER_FRAME, Pipeline
@@ -212,6 +220,40 @@ def test_a_failed_write_keeps_decoded_rows_for_the_next_flush(tmp_path: Path) ->
         levels,
     )
     assert con.execute("SELECT count(*) FROM aggregate").fetchone() == (300,)
+
+
+def test_row_batches_of_many_partitions_become_one_table_each_in_order() -> None:
+    """The per-frame path's row batches (one per table, date and contract: the snapshots at
+    connect make ~2,000) become one Arrow table per table, rows in the batches' order, each
+    row with its partition's date and contract."""
+    at = datetime(2026, 3, 20, 8, 0, tzinfo=UTC)
+
+    def info(seq: int) -> tuple[Any, ...]:
+        return (at, at, seq, 10 * seq, seq, "snapshot")
+
+    batches = [
+        Batch(("contract_info", "2026-03-20", "B"), [info(1), info(4)]),
+        Batch(("quarantine", "2026-03-20", None), [(at, 2, "conn", "bad", "{")]),
+        Batch(("contract_info", "2026-03-21", "A"), [info(3)]),
+        Batch(("contract_info", "2026-03-20", "A"), []),
+        Batch(("contract_info", "2026-03-20", "A"), [info(2)]),
+    ]
+    parts = batches_to_parts(batches)
+
+    assert sorted(parts) == ["contract_info", "quarantine"]
+    assert parts["contract_info"].schema == parts_schema(TABLES["contract_info"])
+    assert parts["contract_info"].to_pylist() == [
+        {DATE: day, CONTRACT: contract, "exchange_ts": at, "received_at": at, "seq": seq,
+         "open_interest": 10 * seq, "open_interest_changes": seq, "source": "snapshot"}
+        for day, contract, seq in [
+            ("2026-03-20", "B", 1), ("2026-03-20", "B", 4), ("2026-03-21", "A", 3),
+            ("2026-03-20", "A", 2),
+        ]
+    ]  # fmt: skip
+    assert parts["quarantine"].to_pylist() == [
+        {DATE: "2026-03-20", CONTRACT: None, "received_at": at, "seq": 2,
+         "connection": "conn", "reason": "bad", "raw": "{"}
+    ]  # fmt: skip
 
 
 def test_partitions_make_day_files_cut_between_frames_and_ordered_by_contract() -> None:
