@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import threading
+from array import array
 from collections.abc import Iterable
+from sys import intern
 from typing import Any
 
 import duckdb
@@ -36,17 +38,26 @@ def parts_schema(table: Table) -> pa.Schema:
 
 
 class FrameBatch:
-    """Plain frames waiting to be decoded, as columns (appended to on the event loop)."""
+    """Plain frames waiting to be decoded, as columns (appended to on the event loop).
 
-    __slots__ = ("contract", "day", "exchange", "frames", "received", "seq", "started")
+    The frames are kept end to end in one ``bytearray`` with their end offsets, and the
+    numbers in ``array``s: objects the garbage collector does not track. As lists of
+    ``bytes`` and ``int`` objects, each of the batch's 20,000-100,000 frames was 5 objects that
+    every full collection visited, scattered in memory: at 90 k frames/s the collector took
+    ~15 % of the event loop's time. The batch's Arrow table is built on these buffers
+    without copying them.
+    """
+
+    __slots__ = ("contract", "data", "day", "ends", "exchange", "received", "seq", "started")
 
     def __init__(self) -> None:
-        self.seq: list[int] = []
-        self.received: list[int] = []
-        self.exchange: list[int] = []
-        self.day: list[str] = []
-        self.contract: list[str] = []
-        self.frames: list[bytes] = []
+        self.seq = array("q")
+        self.received = array("q")
+        self.exchange = array("q")
+        self.day: list[str] = []  # a few str objects, each repeated
+        self.contract: list[str] = []  # interned: a few hundred str objects, each repeated
+        self.data = bytearray()  # the frames, end to end
+        self.ends = array("q", [0])  # offsets into data: frame i is data[ends[i]:ends[i + 1]]
         self.started: float | None = None  # monotonic reading of the first frame
 
     def __len__(self) -> int:
@@ -68,61 +79,81 @@ class FrameBatch:
         self.received.append(received_us)
         self.exchange.append(exchange_us)
         self.day.append(day)
-        self.contract.append(contract)
-        self.frames.append(frame)
+        self.contract.append(intern(contract))
+        data = self.data
+        data += frame
+        self.ends.append(len(data))
+
+    @property
+    def frames(self) -> list[bytes]:
+        """The frames, each as received."""
+        data, ends = self.data, self.ends
+        return [bytes(data[ends[i] : ends[i + 1]]) for i in range(len(self.seq))]
 
     def chunks(self, size: int) -> list[FrameBatch]:
         """This batch cut into batches of at most ``size`` frames, in order."""
-        if len(self.seq) <= size:
+        return self._cut(size, take=False)
+
+    def take_chunks(self, size: int) -> list[FrameBatch]:
+        """:meth:`chunks`, leaving this batch empty (``started`` kept). The chunks are cut
+        from the end, each cut shrinking this batch's buffer, so a backlog's frames are held
+        about once, not twice, and each chunk's frames are freed once it is dropped."""
+        return self._cut(size, take=True)
+
+    def _cut(self, size: int, take: bool) -> list[FrameBatch]:
+        count = len(self.seq)
+        if count <= size and not take:
             return [self]
         out = []
-        for start in range(0, len(self.seq), size):
+        for start in reversed(range(0, count, size)):
+            stop = min(start + size, count)
             part = FrameBatch()
             part.started = self.started
-            stop = start + size
             part.seq = self.seq[start:stop]
             part.received = self.received[start:stop]
             part.exchange = self.exchange[start:stop]
             part.day = self.day[start:stop]
             part.contract = self.contract[start:stop]
-            part.frames = self.frames[start:stop]
+            first, last = self.ends[start], self.ends[stop]
+            if start == 0 and take:
+                part.data, self.data = self.data, bytearray()
+            else:
+                part.data = self.data[first:last]
+            ends = np.frombuffer(self.ends, np.int64)[start : stop + 1] - first
+            part.ends = array("q", ends.tobytes())
+            if take:
+                for column in (self.seq, self.received, self.exchange, self.day, self.contract):
+                    del column[start:]
+                del self.data[first:]
+                del self.ends[start + 1 :]
             out.append(part)
+        out.reverse()
         return out
-
-    def take_chunks(self, size: int) -> list[FrameBatch]:
-        """:meth:`chunks`, leaving this batch empty (``started`` kept): the chunks alone hold
-        the frames, so each chunk's raw frames are freed once it is dropped."""
-        whole = FrameBatch()
-        whole.started = self.started
-        whole.seq, self.seq = self.seq, []
-        whole.received, self.received = self.received, []
-        whole.exchange, self.exchange = self.exchange, []
-        whole.day, self.day = self.day, []
-        whole.contract, self.contract = self.contract, []
-        whole.frames, self.frames = self.frames, []
-        return whole.chunks(size)
 
     @property
     def first_seq(self) -> int | None:
         return self.seq[0] if self.seq else None
 
     def arrow(self) -> pa.Table:
-        data = b"".join(self.frames)
-        offsets = np.zeros(len(self.frames) + 1, dtype=np.int64)
-        np.cumsum(np.fromiter(map(len, self.frames), np.int64, len(self.frames)), out=offsets[1:])
+        """The batch as a table, on its buffers (no copy)."""
+        count = len(self.seq)
         frames = pa.Array.from_buffers(
-            pa.large_string(), len(self.frames), [None, pa.py_buffer(offsets), pa.py_buffer(data)]
+            pa.large_string(), count, [None, pa.py_buffer(self.ends), pa.py_buffer(self.data)]
         )
         return pa.table(
             {
-                "seq": pa.array(self.seq, pa.int64()),
-                "received_us": pa.array(self.received, pa.int64()),
-                "exchange_us": pa.array(self.exchange, pa.int64()),
+                "seq": _int64s(self.seq),
+                "received_us": _int64s(self.received),
+                "exchange_us": _int64s(self.exchange),
                 "day": pa.array(self.day, pa.string()),
                 "contract": pa.array(self.contract, pa.string()),
                 "frame": frames,
             }
         )
+
+
+def _int64s(values: array[int]) -> pa.Array:
+    return pa.Array.from_buffers(pa.int64(), len(values), [None, pa.py_buffer(values)])
 
 
 def _quote(name: str) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import secrets
 import signal
@@ -103,6 +104,7 @@ async def record(
         config.compaction.merge_interval_seconds,
         config.storage.max_rows_per_file,
     )
+    settle_collector()
     try:
         if config.compaction.enabled:
             compaction.start()
@@ -172,6 +174,17 @@ async def record(
         finally:
             await metrics.close()
             sys.setswitchinterval(switch)
+            gc.unfreeze()
+
+
+def settle_collector() -> None:
+    """Move every object made so far (modules, functions, configuration: ~100,000) out of
+    the garbage collector's sight: it never frees them, and each full collection walked
+    them all while the event loop waited (with the frames' buffers, ~15 % of its time at
+    90 k frames/s). Undone (``gc.unfreeze``) when recording ends.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def release_freed_memory() -> None:

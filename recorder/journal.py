@@ -5,10 +5,20 @@ Layout: ``{data_dir}/_journal/{first_seq:020d}.jnl`` segments, each a sequence o
     u32 body length | u32 crc32(body) | body
     body = u8 kind | i64 seq | i64 received_us | u16 len(connection) | connection | payload
 
-``kind`` is FRAME (payload = the frame's bytes) or EVENT (payload = JSON of a connection
-event or of a checkpoint). The event loop only appends to an in-memory list; one writer
-thread writes it to the segment every ``write_interval`` (so a ``kill -9`` loses at most that
-much) and fdatasyncs it every ``fsync_interval`` (so a power loss loses at most that much).
+``kind`` is FRAME (payload = the frame's bytes), SNAPSHOT, EVENT (payload = JSON of a
+connection event or of a checkpoint) or BLOCK: the records one write carries, packed column
+by column under the one CRC of the BLOCK record (seq = the last record's)::
+
+    u32 n | n x u8 kind | n x i64 seq | n x i64 received_us | n x u16 len(connection)
+          | n x u32 len(payload) | connection 1 | payload 1 | ... | connection n | payload n
+
+The event loop only queues a tuple per record; one writer thread packs what is queued into
+a BLOCK and writes it to the segment every ``write_interval`` (so a ``kill -9`` loses at most
+that much) and fdatasyncs it every ``fsync_interval`` (so a power loss loses at most that
+much). A BLOCK is built from whole columns by C code (``array``, ``bytes.join``) and checked
+by one ``zlib.crc32``, which releases the GIL: a record per frame, each with its own
+header and CRC, cost the event loop ~1.5 us a frame. Segments of single records, as earlier
+versions wrote them, read the same.
 Segments whose frames are all in Parquet are removed, or compressed into ``_journal/archive``
 and kept for ``retention_days``.
 
@@ -19,12 +29,16 @@ says how many bytes, and never stops anything.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import struct
+import sys
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from array import array
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,9 +53,18 @@ log = structlog.get_logger("recorder.journal")
 
 JOURNAL_DIR = "_journal"
 ARCHIVE_DIR = "archive"
-FRAME, EVENT, SNAPSHOT = 1, 2, 3
+FRAME, EVENT, SNAPSHOT, BLOCK = 1, 2, 3, 4
+_KINDS = (FRAME, EVENT, SNAPSHOT)
 _HEAD = struct.Struct("<II")
 _BODY = struct.Struct("<BqqH")
+_COUNT = struct.Struct("<I")
+#: records per BLOCK at most (a writer behind by more writes several)
+BLOCK_RECORDS = 512
+#: BLOCK columns are written little-endian whatever the machine
+_SWAP = sys.byteorder != "little"
+#: a record queued by the event loop: (kind, seq, received_us, connection, payload); a plain
+#: tuple, since the event loop makes one per frame
+_Pending = tuple[int, int, int, str, bytes]
 _SUFFIX = ".jnl"
 _ARCHIVE_SUFFIX = ".jnl.zst"
 
@@ -64,6 +87,69 @@ def encode(kind: int, seq: int, received_us: int, connection: str, payload: byte
     return _HEAD.pack(len(body), zlib.crc32(body)) + body
 
 
+def encode_block(records: Sequence[_Pending]) -> list[bytes]:
+    """The bytes of one BLOCK record holding ``records`` (in order), as parts to write."""
+    kinds, seqs, received, connections, payloads = zip(*records, strict=True)
+    conns = list(map(str.encode, connections))
+    columns = [
+        array("q", seqs),
+        array("q", received),
+        array("H", map(len, conns)),
+        array("I", map(len, payloads)),
+    ]
+    if _SWAP:
+        for column in columns:
+            column.byteswap()
+    block = b"".join(
+        [
+            _COUNT.pack(len(kinds)),
+            bytes(kinds),
+            *(c.tobytes() for c in columns),
+            *itertools.chain.from_iterable(zip(conns, payloads, strict=True)),
+        ]
+    )
+    body = _BODY.pack(BLOCK, seqs[-1], received[-1], 0)
+    crc = zlib.crc32(block, zlib.crc32(body))  # the GIL is released over the block
+    return [_HEAD.pack(len(body) + len(block), crc), body, block]
+
+
+def _unpack_block(block: bytes) -> list[Record] | None:
+    """The records of a BLOCK's payload; None if its columns do not add up (a corrupt block)."""
+    if len(block) < _COUNT.size:
+        return None
+    (n,) = _COUNT.unpack_from(block)
+    offset = _COUNT.size
+    kinds = block[offset : offset + n]
+    offset += n
+    columns = []
+    for code in ("q", "q", "H", "I"):
+        column = array(code)
+        width = column.itemsize * n
+        column.frombytes(block[offset : offset + width])
+        if _SWAP:
+            column.byteswap()
+        columns.append(column)
+        offset += width
+    seqs, received, conn_lens, payload_lens = columns
+    if len(kinds) != n or len(payload_lens) != n:
+        return None
+    if offset + sum(conn_lens) + sum(payload_lens) != len(block):
+        return None
+    if any(kind not in _KINDS for kind in kinds):
+        return None
+    records = []
+    view = memoryview(block)
+    for kind, seq, at, conn_len, payload_len in zip(
+        kinds, seqs, received, conn_lens, payload_lens, strict=True
+    ):
+        end = offset + conn_len
+        connection = str(view[offset:end], "utf-8", "replace")
+        offset, end = end, end + payload_len
+        records.append(Record(kind, seq, at, connection, bytes(view[offset:end])))
+        offset = end
+    return records
+
+
 def decode(data: bytes) -> tuple[list[Record], int]:
     """Records of a segment's bytes and the length of its valid prefix (the rest is torn)."""
     records: list[Record] = []
@@ -75,7 +161,14 @@ def decode(data: bytes) -> tuple[list[Record], int]:
             break
         kind, seq, received_us, conn_len = _BODY.unpack_from(data, start)
         conn_end = start + body + conn_len
-        if kind not in (FRAME, EVENT, SNAPSHOT) or conn_end > end:
+        if kind == BLOCK and conn_len == 0:
+            block = _unpack_block(data[conn_end:end])
+            if block is None:
+                break
+            records.extend(block)
+            offset = end
+            continue
+        if kind not in _KINDS or conn_end > end:
             break
         connection = data[start + body : conn_end].decode("utf-8", "replace")
         records.append(Record(kind, seq, received_us, connection, data[conn_end:end]))
@@ -109,10 +202,13 @@ class Journal:
         self.segment_bytes = segment_bytes
         self.retention_days = retention_days
         self._on_error = on_error
-        self._lock = threading.Lock()
         self._written = threading.Condition()
         self._wake = threading.Event()
-        self._pending: list[_Pending] = []  # (record, seq, kind, connection, payload)
+        #: records queued by the event loop (deque appends and pops are atomic: no lock)
+        self._pending: deque[_Pending] = deque()
+        self._retry: list[_Pending] = []  # a chunk whose write failed (writer thread)
+        self._queued_bytes = 0  # payload bytes queued (event loop) ...
+        self._written_bytes = 0  # ... and written (writer thread)
         self._closing = False
         self._release_below = 0
         self._released_checked = 0  # the release mark the segments were last checked for
@@ -124,8 +220,12 @@ class Journal:
         #: last seq handed to the OS (survives a kill -9) and last seq fsynced (survives power loss)
         self.written_seq = 0
         self.durable_seq = 0
-        self.backlog_bytes = 0
         self.failing = False
+
+    @property
+    def backlog_bytes(self) -> int:
+        """Payload bytes queued and not yet written to the journal file."""
+        return self._queued_bytes - self._written_bytes
 
     # ------------------------------------------------------------------ reading (at start)
 
@@ -176,11 +276,9 @@ class Journal:
     def append(
         self, kind: int, seq: int, received_us: int, connection: str, payload: bytes
     ) -> None:
-        """Queue one record (event loop; no I/O)."""
-        record = encode(kind, seq, received_us, connection, payload)
-        with self._lock:
-            self._pending.append((record, seq, kind, connection, payload))
-            self.backlog_bytes += len(record)
+        """Queue one record (event loop; no I/O, no encoding: the writer packs a BLOCK)."""
+        self._pending.append((kind, seq, received_us, connection, payload))
+        self._queued_bytes += len(payload)
 
     def release(self, below_seq: int) -> None:
         """Every frame with a seq below ``below_seq`` is in Parquet: its segments may go."""
@@ -226,40 +324,35 @@ class Journal:
                 return
 
     def _write_pending(self) -> None:
-        with self._lock:
-            chunk, self._pending = self._pending, []
+        pending = self._pending
+        chunk, self._retry = self._retry, []
+        chunk.extend(pending.popleft() for _ in range(len(pending)))
         if not chunk:
             return
-        data = b"".join([p[0] for p in chunk])
         if self._file is None or self._file_bytes >= self.segment_bytes:
             self._rotate(chunk[0][1])
         assert self._file is not None
         before = self._file_bytes
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(self._file, view)
-                view = view[written:]
-                self._file_bytes += written
+            for first in range(0, len(chunk), BLOCK_RECORDS):
+                parts = encode_block(chunk[first : first + BLOCK_RECORDS])
+                self._file_bytes += _write_all(self._file, parts)
         except OSError:
             # Keep the whole chunk for the next try, in a new segment: a record never
             # straddles segments, and a partial chunk left here is a torn tail that
             # recovery cuts (or a repeat that it skips by seq).
-            with self._lock:
-                self._pending[:0] = chunk
+            self._retry = chunk
             with contextlib.suppress(OSError):
                 os.ftruncate(self._file, before)
             with contextlib.suppress(OSError):
                 os.close(self._file)
             self._file = None
             raise
-        with self._lock:
-            self.backlog_bytes -= len(data)
-        observe = self._sessions.observe_fields
-        for _, _, kind, connection, payload in chunk:
-            observe(kind, connection, payload)
+        kinds, seqs, _, connections, payloads = zip(*chunk, strict=True)
+        self._written_bytes += sum(map(len, payloads))
+        self._sessions.observe_many(bytes(kinds), connections, payloads)
         with self._written:
-            self.written_seq = chunk[-1][1]
+            self.written_seq = seqs[-1]
             self._written.notify_all()
 
     def recovered_up_to(self, seq: int) -> None:
@@ -308,7 +401,7 @@ class Journal:
         """
         segments = self.segments()
         bounds = [_segment_first_seq(s) for s in segments[1:]]
-        if final and not self._pending:
+        if final and not self._pending and not self._retry:
             bounds.append(self.written_seq + 1)
         for path, bound in zip(segments, bounds, strict=False):
             if bound > self._release_below or path == self._file_path:
@@ -335,9 +428,15 @@ class Journal:
         path.unlink()
 
 
-#: a record queued by the event loop: (encoded record, seq, kind, connection, payload); a plain
-#: tuple, since the event loop makes one per frame
-_Pending = tuple[bytes, int, int, str, bytes]
+def _write_all(fd: int, parts: list[bytes]) -> int:
+    """Write ``parts`` in order, whole (os.writev may write less than asked); bytes written."""
+    total = sum(map(len, parts))
+    written = os.writev(fd, parts)
+    if written < total:
+        rest = memoryview(b"".join(parts))[written:]
+        while rest:
+            rest = rest[os.write(fd, rest) :]
+    return total
 
 
 class SessionCounts:
@@ -348,6 +447,25 @@ class SessionCounts:
 
     def observe(self, record: Record) -> None:
         self.observe_fields(record.kind, record.connection, record.payload)
+
+    def observe_many(
+        self, kinds: bytes, connections: Sequence[str], payloads: Sequence[bytes]
+    ) -> None:
+        """:meth:`observe_fields` of each record in turn; the frames between two events are
+        counted per connection at once (C code), not one by one."""
+        start = 0
+        while start < len(kinds):
+            event = kinds.find(EVENT, start)
+            stop = len(kinds) if event < 0 else event
+            if stop > start:
+                for connection, frames in Counter(connections[start:stop]).items():
+                    session = self.open.get(connection)
+                    if session is not None:
+                        session["frames"] += frames
+            if event < 0:
+                return
+            self.observe_fields(EVENT, connections[event], payloads[event])
+            start = event + 1
 
     def observe_fields(self, kind: int, connection: str, payload: bytes) -> None:
         if kind in (FRAME, SNAPSHOT):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -401,6 +402,30 @@ def test_a_view_reads_day_files_written_after_it_and_survives_their_compaction(
     assert after == before
 
 
+def test_a_batch_keeps_its_frames_where_the_garbage_collector_does_not_walk() -> None:
+    """A waiting frame adds no object that a collection visits: its bytes, seq and times
+    are in buffers, its date and contract are shared strings. As lists of bytes and ints,
+    every full collection walked each of a batch's frames (~15 % of the event loop's time
+    at 90 k frames/s). The Arrow table is the frames and numbers as added."""
+    frames = feed(3_000)
+    batch = FrameBatch()
+    for i, frame in enumerate(frames):
+        plain = plain_frame(frame, TEHRAN)
+        assert plain is not None
+        contract = plain[0].encode().decode()  # a str object of its own, as decoding gives
+        batch.add(i + 1, RECEIVED + i, plain[1], "2026-03-20", contract, frame, 0.0)
+    contracts = {plain_frame(f, TEHRAN)[0] for f in frames}  # type: ignore[index]
+    visited = {id(o) for part in gc.get_referents(batch) for o in gc.get_referents(part)}
+    assert len(visited) < 2 * len(contracts) + 100  # not per frame: 3,000 frames
+    table = batch.arrow()
+    assert table.num_rows == 3_000
+    assert table.column("frame").to_pylist() == [f.decode() for f in frames]
+    assert table.column("seq").to_pylist() == list(range(1, 3_001))
+    assert table.column("received_us").to_pylist() == [RECEIVED + i for i in range(3_000)]
+    assert set(table.column("contract").to_pylist()) == contracts
+    assert batch.frames == frames
+
+
 def test_a_flush_decodes_a_big_backlog_a_batch_at_a_time_with_the_same_rows(
     tmp_path: Path,
 ) -> None:
@@ -415,12 +440,13 @@ def test_a_flush_decodes_a_big_backlog_a_batch_at_a_time_with_the_same_rows(
         batch.add(i + 1, RECEIVED + i, plain[1], "d", plain[0], frame, 0.0)
     chunks = batch.chunks(DECODE_CHUNK_FRAMES)
     assert [len(c) for c in chunks] == [DECODE_CHUNK_FRAMES, 700]
-    assert [s for c in chunks for s in c.seq] == batch.seq
+    assert [s for c in chunks for s in c.seq] == list(batch.seq)
     assert [f for c in chunks for f in c.frames] == batch.frames
     # a flush takes the chunks: the batch is left empty, so decoded chunks free their frames
     taken = batch.take_chunks(DECODE_CHUNK_FRAMES)
-    assert [(c.seq, c.frames) for c in taken] == [(c.seq, c.frames) for c in chunks]
+    assert [(list(c.seq), c.frames) for c in taken] == [(list(c.seq), c.frames) for c in chunks]
     assert (len(batch), batch.frames, batch.started) == (0, [], 0.0)
+    assert (len(batch.data), list(batch.ends)) == (0, [0])
 
     async def run(bulk: bool, data_dir: Path) -> None:
         storage = StorageConfig(data_dir=str(data_dir), flush_interval_seconds=3600, fsync=False)

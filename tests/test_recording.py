@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 from datetime import UTC, date, datetime, time, tzinfo
 from pathlib import Path
@@ -273,5 +274,25 @@ def test_a_recorder_allocates_arrow_memory_with_malloc_unless_told_otherwise(
         pa.set_memory_pool(default)
     assert seen
     assert set(seen) == {expected}
+    con = recorder.connect(tmp_path)
+    assert con.execute("SELECT count(DISTINCT seq) FROM aggregate").fetchone() == (30,)
+
+
+def test_objects_made_before_recording_are_out_of_the_collectors_sight_until_it_ends(
+    simulator: Any, tmp_path: Path
+) -> None:
+    """While recording, what start-up made (modules, functions, configuration) is frozen:
+    full garbage collections do not walk it for every frame batch. Unfrozen at the end."""
+    assert gc.get_freeze_count() == 0
+    sim = simulator(contracts=3, rate=0, max_messages=30)
+    frozen: list[int] = []
+    record_until(
+        make_config(sim, tmp_path),
+        lambda r: r.pipeline.stats.frames == 30,
+        during=lambda r: frozen.append(gc.get_freeze_count()),
+    )
+    assert frozen
+    assert min(frozen) > 10_000  # the interpreter, aiohttp, DuckDB's and our modules
+    assert gc.get_freeze_count() == 0
     con = recorder.connect(tmp_path)
     assert con.execute("SELECT count(DISTINCT seq) FROM aggregate").fetchone() == (30,)
