@@ -37,18 +37,36 @@ def parts_schema(table: Table) -> pa.Schema:
     return pa.schema([*_PARTITION_FIELDS, *table.arrow_schema])
 
 
+#: frames joined into one ``bytes`` at a time as a batch fills: a batch then holds a few
+#: objects per thousand frames, and no buffer that grows (a ``bytearray`` that grew by each
+#: frame was copied whole at its resizes: 7 % of the event loop's time)
+BLOCK_FRAMES = 1_000
+
+
 class FrameBatch:
     """Plain frames waiting to be decoded, as columns (appended to on the event loop).
 
-    The frames are kept end to end in one ``bytearray`` with their end offsets, and the
-    numbers in ``array``s: objects the garbage collector does not track. As lists of
-    ``bytes`` and ``int`` objects, each of the batch's 20,000-100,000 frames was 5 objects that
-    every full collection visited, scattered in memory: at 90 k frames/s the collector took
-    ~15 % of the event loop's time. The batch's Arrow table is built on these buffers
-    without copying them.
+    The numbers are kept in ``array``s and the frames in blocks of :data:`BLOCK_FRAMES`
+    joined end to end, with their end offsets: objects the garbage collector does not
+    track or walks at once. As lists of ``bytes`` and ``int`` objects, each of a batch's
+    20,000-100,000 frames was 5 objects that every full collection visited, scattered in
+    memory: at 90 k frames/s the collector took ~15 % of the event loop's time. The batch's
+    Arrow table is built on the blocks without copying them.
     """
 
-    __slots__ = ("contract", "data", "day", "ends", "exchange", "received", "seq", "started")
+    __slots__ = (
+        "block_stops",
+        "blocks",
+        "contract",
+        "day",
+        "ends",
+        "exchange",
+        "open",
+        "received",
+        "seq",
+        "size",
+        "started",
+    )
 
     def __init__(self) -> None:
         self.seq = array("q")
@@ -56,8 +74,11 @@ class FrameBatch:
         self.exchange = array("q")
         self.day: list[str] = []  # a few str objects, each repeated
         self.contract: list[str] = []  # interned: a few hundred str objects, each repeated
-        self.data = bytearray()  # the frames, end to end
-        self.ends = array("q", [0])  # offsets into data: frame i is data[ends[i]:ends[i + 1]]
+        self.blocks: list[bytes] = []  # frames end to end, BLOCK_FRAMES a block ...
+        self.block_stops = array("q")  # ... block i holding frames block_stops[i - 1]: [i]
+        self.open: list[bytes] = []  # the frames of the block being filled
+        self.size = 0  # bytes of all frames
+        self.ends = array("q", [0])  # frame i is bytes ends[i]:ends[i + 1] of them all
         self.started: float | None = None  # monotonic reading of the first frame
 
     def __len__(self) -> int:
@@ -80,32 +101,56 @@ class FrameBatch:
         self.exchange.append(exchange_us)
         self.day.append(day)
         self.contract.append(intern(contract))
-        data = self.data
-        data += frame
-        self.ends.append(len(data))
+        self.size = size = self.size + len(frame)
+        self.ends.append(size)
+        current = self.open
+        current.append(frame)
+        if len(current) == BLOCK_FRAMES:
+            self.blocks.append(b"".join(current))
+            self.block_stops.append(len(self.seq))
+            self.open = []
+
+    def _pieces(self) -> list[tuple[int, int, bytes]]:
+        """(first frame, frame after the last, their bytes) of each block, the open one too."""
+        out, first = [], 0
+        for stop, block in zip(self.block_stops, self.blocks, strict=True):
+            out.append((first, stop, block))
+            first = stop
+        if self.open:
+            out.append((first, len(self.seq), b"".join(self.open)))
+        return out
 
     @property
     def frames(self) -> list[bytes]:
         """The frames, each as received."""
-        data, ends = self.data, self.ends
-        return [bytes(data[ends[i] : ends[i + 1]]) for i in range(len(self.seq))]
+        ends = self.ends
+        return [
+            block[ends[i] - ends[first] : ends[i + 1] - ends[first]]
+            for first, stop, block in self._pieces()
+            for i in range(first, stop)
+        ]
 
     def chunks(self, size: int) -> list[FrameBatch]:
         """This batch cut into batches of at most ``size`` frames, in order."""
-        return self._cut(size, take=False)
+        if len(self.seq) <= size:
+            return [self]
+        return self._cut(size)
 
     def take_chunks(self, size: int) -> list[FrameBatch]:
-        """:meth:`chunks`, leaving this batch empty (``started`` kept). The chunks are cut
-        from the end, each cut shrinking this batch's buffer, so a backlog's frames are held
-        about once, not twice, and each chunk's frames are freed once it is dropped."""
-        return self._cut(size, take=True)
+        """:meth:`chunks`, leaving this batch empty (``started`` kept): the chunks alone hold
+        the frames' blocks, so each chunk's frames are freed once it is dropped."""
+        chunks = self._cut(size)
+        started = self.started
+        self.__init__()  # type: ignore[misc]
+        self.started = started
+        return chunks
 
-    def _cut(self, size: int, take: bool) -> list[FrameBatch]:
+    def _cut(self, size: int) -> list[FrameBatch]:
         count = len(self.seq)
-        if count <= size and not take:
-            return [self]
+        pieces = self._pieces()
+        ends = np.frombuffer(self.ends, np.int64)
         out = []
-        for start in reversed(range(0, count, size)):
+        for start in range(0, count, size):
             stop = min(start + size, count)
             part = FrameBatch()
             part.started = self.started
@@ -114,20 +159,17 @@ class FrameBatch:
             part.exchange = self.exchange[start:stop]
             part.day = self.day[start:stop]
             part.contract = self.contract[start:stop]
-            first, last = self.ends[start], self.ends[stop]
-            if start == 0 and take:
-                part.data, self.data = self.data, bytearray()
-            else:
-                part.data = self.data[first:last]
-            ends = np.frombuffer(self.ends, np.int64)[start : stop + 1] - first
-            part.ends = array("q", ends.tobytes())
-            if take:
-                for column in (self.seq, self.received, self.exchange, self.day, self.contract):
-                    del column[start:]
-                del self.data[first:]
-                del self.ends[start + 1 :]
+            part.ends = array("q", (ends[start : stop + 1] - ends[start]).tobytes())
+            part.size = part.ends[-1]
+            for first, last, block in pieces:
+                if last <= start or first >= stop:
+                    continue
+                low, high = max(first, start), min(last, stop)
+                if (low, high) != (first, last):  # a block the cut goes through: its part
+                    block = block[ends[low] - ends[first] : ends[high] - ends[first]]
+                part.blocks.append(block)
+                part.block_stops.append(high - start)
             out.append(part)
-        out.reverse()
         return out
 
     @property
@@ -135,10 +177,18 @@ class FrameBatch:
         return self.seq[0] if self.seq else None
 
     def arrow(self) -> pa.Table:
-        """The batch as a table, on its buffers (no copy)."""
-        count = len(self.seq)
-        frames = pa.Array.from_buffers(
-            pa.large_string(), count, [None, pa.py_buffer(self.ends), pa.py_buffer(self.data)]
+        """The batch as a table, on its blocks (no copy)."""
+        ends = np.frombuffer(self.ends, np.int64)
+        frames = pa.chunked_array(
+            [
+                pa.Array.from_buffers(
+                    pa.large_string(),
+                    stop - first,
+                    [None, pa.py_buffer(ends[first : stop + 1] - ends[first]), pa.py_buffer(block)],
+                )
+                for first, stop, block in self._pieces()
+            ],
+            pa.large_string(),
         )
         return pa.table(
             {

@@ -424,6 +424,13 @@ def test_a_batch_keeps_its_frames_where_the_garbage_collector_does_not_walk() ->
     assert table.column("received_us").to_pylist() == [RECEIVED + i for i in range(3_000)]
     assert set(table.column("contract").to_pylist()) == contracts
     assert batch.frames == frames
+    # cut anywhere, even inside a block of frames, the chunks hold the same frames in order
+    chunks = batch.chunks(1_234)
+    assert [len(c) for c in chunks] == [1_234, 1_234, 532]
+    assert [f for c in chunks for f in c.frames] == frames
+    assert [f for c in chunks for f in c.arrow().column("frame").to_pylist()] == [
+        f.decode() for f in frames
+    ]
 
 
 def test_a_flush_decodes_a_big_backlog_a_batch_at_a_time_with_the_same_rows(
@@ -446,7 +453,7 @@ def test_a_flush_decodes_a_big_backlog_a_batch_at_a_time_with_the_same_rows(
     taken = batch.take_chunks(DECODE_CHUNK_FRAMES)
     assert [(list(c.seq), c.frames) for c in taken] == [(list(c.seq), c.frames) for c in chunks]
     assert (len(batch), batch.frames, batch.started) == (0, [], 0.0)
-    assert (len(batch.data), list(batch.ends)) == (0, [0])
+    assert (batch.blocks, batch.open, list(batch.ends)) == ([], [], [0])
 
     async def run(bulk: bool, data_dir: Path) -> None:
         storage = StorageConfig(data_dir=str(data_dir), flush_interval_seconds=3600, fsync=False)
