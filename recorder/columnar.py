@@ -261,9 +261,14 @@ _TABLE_SQL = {name: _table_sql(name) for name in SECTION_TABLES.values()}
 
 
 class Decoder:
-    """Turns a FrameBatch into one Arrow table per data table (one DuckDB connection)."""
+    """Turns a FrameBatch into one Arrow table per data table (one DuckDB connection).
 
-    def __init__(self, threads: int = 2) -> None:
+    One DuckDB thread by default: a second one took the core the event loop runs on while a
+    batch was decoded (in paired runs: 105 k msg/s with two, 112 k with one; flushes took
+    0.27 s instead of 0.37 s at 100 k msg/s, and the peak RSS fell from ~710 to 574 MB).
+    """
+
+    def __init__(self, threads: int = 1) -> None:
         self._con = duckdb.connect()
         self._con.execute(f"SET threads = {int(threads)}")
         self._con.execute("SET preserve_insertion_order = true")

@@ -175,8 +175,21 @@ def _identifier(message: dict[str, Any]) -> tuple[str, str]:
     raise FlattenError("identifier: none of contractId, ContractId, contractName")
 
 
+#: the instant of each second seen in the wire's usual form (``YYYY-MM-DDTHH:MM:SS.ffffffZ``):
+#: every contract's frames of one second share it, so one parse serves them all
+_SECONDS: dict[str, int] = {}
+_SECONDS_KEPT = 4096
+
+
 def parse_timestamp(value: Any, naive_tz: tzinfo) -> int:
     """ISO 8601 (``Z``, an offset, or naive in ``naive_tz``) -> UTC microseconds since epoch."""
+    usual = type(value) is str and len(value) == 27 and value[19] == "." and value[26] == "Z"
+    if usual:
+        micros = value[20:26]
+        usual = micros.isdigit() and micros.isascii()
+        second = _SECONDS.get(value[:19]) if usual else None
+        if second is not None:
+            return second + int(micros)
     if type(value) is not str:
         raise FlattenError(f"timestamp: {_show(value)} is not an ISO 8601 string")
     try:
@@ -191,6 +204,10 @@ def parse_timestamp(value: Any, naive_tz: tzinfo) -> int:
         instant = -1
     if not _MIN_US <= instant < _MAX_US:
         raise FlattenError(f"timestamp: {_show(value)} is outside 1970..8999")
+    if usual:  # the second's instant; with any microseconds it stays in 1970..8999
+        if len(_SECONDS) >= _SECONDS_KEPT:
+            _SECONDS.clear()
+        _SECONDS[value[:19]] = instant - int(value[20:26])
     return instant
 
 

@@ -326,7 +326,8 @@ class Journal:
     def _write_pending(self) -> None:
         pending = self._pending
         chunk, self._retry = self._retry, []
-        chunk.extend(pending.popleft() for _ in range(len(pending)))
+        # popleft called by C code, as many times as there were records a moment ago
+        chunk.extend(itertools.islice(iter(pending.popleft, None), len(pending)))
         if not chunk:
             return
         if self._file is None or self._file_bytes >= self.segment_bytes:

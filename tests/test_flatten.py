@@ -14,7 +14,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from recorder.errors import FlattenError
-from recorder.flatten import ENVELOPE, Flattened, flatten, flatten_fast, to_message
+from recorder.flatten import (
+    ENVELOPE,
+    Flattened,
+    flatten,
+    flatten_fast,
+    parse_timestamp,
+    to_message,
+)
 from recorder.schema import SECTION_TABLES, TABLES
 
 TEHRAN = ZoneInfo("Asia/Tehran")
@@ -260,6 +267,27 @@ def test_naive_timestamp_defaults_to_utc() -> None:
 def test_timestamp_outside_the_datetime_range_is_refused(timestamp: str) -> None:
     """A timestamp whose UTC instant is outside 1970..8999 is refused, naming timestamp."""
     assert reason_of(encode(message(timestamp=timestamp))).startswith("timestamp:")
+
+
+def test_a_second_parsed_once_gives_every_timestamp_of_that_second_exactly() -> None:
+    """The usual form (``...SS.ffffffZ``) is parsed once per second and the microseconds
+    added: the same instants as a full parse, and what a full parse refuses is refused."""
+    second = "2026-05-29T12:00:00"
+    for micros in ("000000", "000001", "123456", "999999"):
+        assert parse_timestamp(f"{second}.{micros}Z", TEHRAN) == NOON_US + int(micros)
+    assert parse_timestamp("8999-12-31T23:59:59.999999Z", UTC) == (
+        (datetime(9000, 1, 1, tzinfo=UTC) - datetime(1970, 1, 1, tzinfo=UTC)).days * 86_400 * 10**6
+        - 1
+    )
+    assert parse_timestamp("8999-12-31T23:59:59.000000Z", UTC) % 10**6 == 0
+    for refused in (
+        f"{second}.12345xZ",
+        f"{second}.\uff11\uff12\uff13\uff14\uff15\uff16Z",  # digits, but not ASCII ones
+        f"{second}.-12345Z",
+        "1969-12-31T23:59:59.999999Z",
+    ):
+        with pytest.raises(FlattenError, match=r"^timestamp:"):
+            parse_timestamp(refused, UTC)
 
 
 @pytest.mark.parametrize(
