@@ -294,9 +294,11 @@ class Journal:
     def _run(self) -> None:
         last_sync = time.monotonic()
         while True:
-            closing = self._closing
             self._wake.wait(self.write_interval)
             self._wake.clear()
+            # read after the wake is cleared: a close() that woke this wait is seen now, not
+            # one write_interval later (everything queued before it is written below)
+            closing = self._closing
             try:
                 self._write_pending()
                 now = time.monotonic()

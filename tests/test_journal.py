@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import orjson
@@ -121,3 +122,17 @@ def test_a_corrupt_block_ends_the_valid_prefix_and_earlier_records_stay(tmp_path
     assert [e["bytes_cut"] for e in cut] == [len(broken)]
     records, valid = decode(segment.read_bytes())
     assert (len(records) - 1, valid) == (33, segment.stat().st_size)
+
+
+def test_close_writes_what_is_queued_at_once_whatever_the_write_interval(tmp_path: Path) -> None:
+    """close() wakes the writer, which writes what is queued and stops: it does not wait out
+    the write interval (an hour here)."""
+    journal = Journal(tmp_path, fsync=False, write_interval=3600)
+    journal.start()
+    journal.append(FRAME, 1, 1_001, "conn-1", b'{"x": 1}')
+    closer = threading.Thread(target=journal.close, daemon=True)
+    closer.start()
+    closer.join(timeout=10)
+    assert not closer.is_alive()
+    assert journal.written_seq == 1
+    assert [r.seq for r in Journal(tmp_path).recover()][1:] == [1]
