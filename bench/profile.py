@@ -180,7 +180,7 @@ def hot_path_alone() -> dict[str, Any]:
     from zoneinfo import ZoneInfo
 
     from recorder.flatten import flatten
-    from recorder.journal import FRAME, encode
+    from recorder.records import FRAME, encode
     from recorder.simdata import FeedVariants, Market, Subscription, make_contracts
 
     contracts = make_contracts(CONTRACTS, 0)

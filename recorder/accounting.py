@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 from recorder.catalog import connect, table_files
 from recorder.errors import FlattenError
 from recorder.flatten import flatten
-from recorder.journal import FRAME, SNAPSHOT, Journal
+from recorder.journal import Journal
+from recorder.records import FRAME, SNAPSHOT
 from recorder.schema import DATA_TABLES, TABLES
 
 #: the tables whose rows make a frame "stored"

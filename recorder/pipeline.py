@@ -33,8 +33,9 @@ from recorder.columnar import Decoder, FrameBatch, batches_to_parts, partitions
 from recorder.config import JournalConfig, StorageConfig
 from recorder.errors import FlattenError, StorageError
 from recorder.flatten import ENVELOPE, Extra, flatten, flatten_fast, plain_frame
-from recorder.journal import EVENT, FRAME, SNAPSHOT, Journal
+from recorder.journal import Journal
 from recorder.paths import partition_date
+from recorder.records import EVENT, FRAME, SNAPSHOT
 from recorder.reference import reference_row
 from recorder.schema import TABLES
 from recorder.state import SeqAllocator

@@ -20,9 +20,9 @@ import orjson
 import structlog
 
 from recorder.buffer import Key
-from recorder.journal import FRAME, SNAPSHOT, SessionCounts
 from recorder.paths import partition_dir, seq_range
 from recorder.pipeline import SOURCE_SNAPSHOT, SOURCE_STREAM, Pipeline
+from recorder.records import FRAME, SNAPSHOT, SessionCounts
 
 log = structlog.get_logger("recorder.recovery")
 

@@ -15,7 +15,8 @@ import pytest
 import recorder
 from recorder.errors import FlattenError
 from recorder.flatten import flatten
-from recorder.journal import FRAME, Journal, Record
+from recorder.journal import Journal
+from recorder.records import FRAME, Record
 from recorder.schema import DATA_TABLES
 from tests.conftest import wait_for
 from tests.test_daemon import RECORDER, recorder_env, write_config

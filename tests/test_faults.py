@@ -14,7 +14,8 @@ import pytest
 from structlog.testing import capture_logs
 
 import recorder
-from recorder.journal import FRAME, Journal, encode
+from recorder.journal import Journal
+from recorder.records import FRAME, encode
 from tests.conftest import make_config, record_until
 
 

@@ -8,13 +8,13 @@ from pathlib import Path
 import orjson
 from structlog.testing import capture_logs
 
-from recorder.journal import (
+from recorder.journal import Journal
+from recorder.records import (
     BLOCK,
     BLOCK_RECORDS,
     EVENT,
     FRAME,
     SNAPSHOT,
-    Journal,
     Record,
     SessionCounts,
     decode,
