@@ -69,6 +69,9 @@ class FrameBatch:
     )
 
     def __init__(self) -> None:
+        self._clear()
+
+    def _clear(self) -> None:
         self.seq = array("q")
         self.received = array("q")
         self.exchange = array("q")
@@ -141,7 +144,7 @@ class FrameBatch:
         the frames' blocks, so each chunk's frames are freed once it is dropped."""
         chunks = self._cut(size)
         started = self.started
-        self.__init__()  # type: ignore[misc]
+        self._clear()
         self.started = started
         return chunks
 
