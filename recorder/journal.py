@@ -207,9 +207,15 @@ class Journal:
             self._rotate(chunk[0][1])
         assert self._file is not None
         before = self._file_bytes
+        columns = list(zip(*chunk, strict=True))
+        kinds = bytes(columns[0])
+        seqs, received, connections, payloads = columns[1:]
         try:
             for first in range(0, len(chunk), BLOCK_RECORDS):
-                parts = encode_block(chunk[first : first + BLOCK_RECORDS])
+                block = slice(first, first + BLOCK_RECORDS)
+                parts = encode_block(
+                    kinds[block], seqs[block], received[block], connections[block], payloads[block]
+                )
                 self._file_bytes += _write_all(self._file, parts)
         except OSError:
             # Keep the whole chunk for the next try, in a new segment: a record never
@@ -222,9 +228,8 @@ class Journal:
                 os.close(self._file)
             self._file = None
             raise
-        kinds, seqs, _, connections, payloads = zip(*chunk, strict=True)
         self._written_bytes += sum(map(len, payloads))
-        self._sessions.observe_many(bytes(kinds), connections, payloads)
+        self._sessions.observe_many(kinds, connections, payloads)
         with self._written:
             self.written_seq = seqs[-1]
             self._written.notify_all()

@@ -65,9 +65,15 @@ def encode(kind: int, seq: int, received_us: int, connection: str, payload: byte
     return _HEAD.pack(len(body), zlib.crc32(body)) + body
 
 
-def encode_block(records: Sequence[Pending]) -> list[bytes]:
-    """The bytes of one BLOCK record holding ``records`` (in order), as parts to write."""
-    kinds, seqs, received, connections, payloads = zip(*records, strict=True)
+def encode_block(
+    kinds: bytes,
+    seqs: Sequence[int],
+    received: Sequence[int],
+    connections: Sequence[str],
+    payloads: Sequence[bytes],
+) -> list[bytes]:
+    """The bytes of one BLOCK record holding the records given column by column (in order),
+    as parts to write."""
     conns = list(map(str.encode, connections))
     columns = [
         array("q", seqs),
@@ -81,7 +87,7 @@ def encode_block(records: Sequence[Pending]) -> list[bytes]:
     block = b"".join(
         [
             _COUNT.pack(len(kinds)),
-            bytes(kinds),
+            kinds,
             *(c.tobytes() for c in columns),
             *itertools.chain.from_iterable(zip(conns, payloads, strict=True)),
         ]
