@@ -38,6 +38,8 @@ _KINDS = (FRAME, EVENT, SNAPSHOT)
 _HEAD = struct.Struct("<II")
 _BODY = struct.Struct("<BqqH")
 _COUNT = struct.Struct("<I")
+#: bytes of one record in a BLOCK's columns: kind, seq, received_us, two lengths
+_RECORD_COLUMNS_BYTES = 1 + 8 + 8 + 2 + 4
 #: records per BLOCK at most (a writer behind by more writes several)
 BLOCK_RECORDS = 512
 #: BLOCK columns are written little-endian whatever the machine
@@ -102,6 +104,8 @@ def _unpack_block(block: bytes) -> list[Record] | None:
     if len(block) < _COUNT.size:
         return None
     (n,) = _COUNT.unpack_from(block)
+    if len(block) < _COUNT.size + n * _RECORD_COLUMNS_BYTES:
+        return None  # the columns cannot be there (frombytes of a cut column would raise)
     offset = _COUNT.size
     kinds = block[offset : offset + n]
     offset += n
@@ -115,8 +119,6 @@ def _unpack_block(block: bytes) -> list[Record] | None:
         columns.append(column)
         offset += width
     seqs, received, conn_lens, payload_lens = columns
-    if len(kinds) != n or len(payload_lens) != n:
-        return None
     if offset + sum(conn_lens) + sum(payload_lens) != len(block):
         return None
     if any(kind not in _KINDS for kind in kinds):

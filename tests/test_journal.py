@@ -136,3 +136,13 @@ def test_close_writes_what_is_queued_at_once_whatever_the_write_interval(tmp_pat
     assert not closer.is_alive()
     assert journal.written_seq == 1
     assert [r.seq for r in Journal(tmp_path).recover()][1:] == [1]
+
+
+def test_a_block_whose_columns_are_cut_short_ends_the_valid_prefix(tmp_path: Path) -> None:
+    """A BLOCK whose CRC holds but whose columns are shorter than its count says (a defect,
+    never seen) is where the valid journal ends, like a corrupt one: reading never raises."""
+    good = encode(FRAME, 1, 1_001, "conn-1", b'{"x": 1}')
+    cut = encode(BLOCK, 3, 1_003, "", (2).to_bytes(4, "little") + bytes([FRAME, FRAME]) + b"12345")
+    records, valid = decode(good + cut)
+    assert [(r.seq, r.payload) for r in records] == [(1, b'{"x": 1}')]
+    assert valid == len(good)
