@@ -207,7 +207,7 @@ def parse_timestamp(value: Any, naive_tz: tzinfo) -> int:
     if usual:  # the second's instant; with any microseconds it stays in 1970..8999
         if len(_SECONDS) >= _SECONDS_KEPT:
             _SECONDS.clear()
-        _SECONDS[value[:19]] = instant - int(value[20:26])
+        _SECONDS[value[:19]] = instant - int(micros)
     return instant
 
 
