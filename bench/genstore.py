@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recorder.compactor import TAG
-from recorder.packing import ROW_GROUP_ROWS
+from recorder.packing import ROW_GROUP_ROWS, pack_received
 from recorder.paths import file_name, partition_dir
 from recorder.schema import TABLES
 
@@ -61,7 +61,7 @@ FLAT_ROW_GROUP_ROWS = 122_880
 
 
 def _write(table: pa.Table, path: Path, sort_columns: list[str]) -> None:
-    delta = ["exchange_ts", "received_at", "seq"]
+    delta = [c for c in ("exchange_ts", "received_at", "seq") if c in table.column_names]
     delta += [c for c in ("trade_count", "total_volume", "total_value") if c in table.column_names]
     pq.write_table(
         table,
@@ -218,7 +218,9 @@ def generate_day(args: tuple[Path, int, int, int, int]) -> dict[str, int]:
             folder = root / "store" / partition_dir(name, day.isoformat(), names[c])
             folder.mkdir(parents=True, exist_ok=True)
             _write(
-                table, folder / file_name(int(seq[0]), int(seq[-1]), TAG), ["exchange_ts", "seq"]
+                pack_received(TABLES[name], table),  # as the compactor writes contract files
+                folder / file_name(int(seq[0]), int(seq[-1]), TAG),
+                ["exchange_ts", "seq"],
             )
             flat = table.append_column("contract", pa.array([names[c]] * table.num_rows))
             flat = flat.append_column("date", pa.array([day] * table.num_rows, pa.date32()))

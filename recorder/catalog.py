@@ -10,7 +10,7 @@ from pathlib import Path
 import duckdb
 
 from recorder.paths import is_day_file
-from recorder.schema import TABLES, Table, package_data_dir
+from recorder.schema import RECEIVED_DELAY_COLUMN, TABLES, Table, package_data_dir
 
 
 def _quote(text: str) -> str:
@@ -56,8 +56,12 @@ class FileSchemas:
         with self._lock:
             unknown = [str(f) for f in files if str(f) not in self._complete]
         if unknown:
-            wanted = {c.name for c in table.file_columns}
-            found = {name: wanted <= set(columns) for name, columns in _columns(unknown, con)}
+            day = set(table.day_schema.names)
+            contract = set(table.contract_schema.names)
+            found = {
+                name: (day if table.by_contract and is_day_file(name) else contract) <= set(columns)
+                for name, columns in _columns(unknown, con)
+            }
             with self._lock:
                 self._complete.update(found)
         return self.lacking(files)
@@ -150,10 +154,13 @@ def empty_view_sql(table: Table, temporary: bool = False) -> str:
     return f"CREATE OR REPLACE {kind} {table.name} AS {empty_sql(table)}"
 
 
-def empty_sql(table: Table) -> str:
-    """``SELECT`` every column of ``table``, typed, and no row."""
-    empty = ", ".join(f"NULL::{c.type} AS {c.name}" for c in table.columns)
-    return f"SELECT {empty} WHERE false"
+def empty_sql(table: Table, delay: bool = False) -> str:
+    """``SELECT`` every column of ``table``, typed, and no row; ``delay``: and
+    :data:`~recorder.schema.RECEIVED_DELAY_COLUMN`."""
+    empty = [f"NULL::{c.type} AS {c.name}" for c in table.columns]
+    if delay:
+        empty.append(f"NULL::BIGINT AS {RECEIVED_DELAY_COLUMN}")
+    return f"SELECT {', '.join(empty)} WHERE false"
 
 
 def read_sql(
@@ -177,18 +184,35 @@ def read_sql(
     existed keeps working once compaction has removed the last of them. A column missing
     from the first file then reads as NULL instead of failing, so it is only for globs whose
     files :class:`FileSchemas` has checked (a file written later has every column).
+
+    Contract files of a table that :attr:`~recorder.schema.Table.packs_received` hold
+    ``received_at - exchange_ts`` (see :mod:`recorder.packing`); ``received_at`` is that
+    plus ``exchange_ts``, or, in a file written before, its own column (such a file lacks a
+    column, so it is read with ``union_by_name``, and the typed empty rows then give each
+    file the column it lacks as NULL).
     """
-    columns = ", ".join(f"{c.name}::{c.type} AS {c.name}" for c in table.columns)
     by_folder = table.by_contract and not day_files
+    delay = by_folder and table.packs_received
+    mixed = may_be_empty or union_by_name
+    columns = ", ".join(_column_sql(c.name, c.type, delay, mixed) for c in table.columns)
     hive_types = "{'date': 'DATE'" + (", 'contract': 'VARCHAR'}" if by_folder else "}")
     union = ", union_by_name = true" if union_by_name else ""
     read = f"read_parquet({source}, hive_partitioning = true, hive_types = {hive_types}{union}"
-    if not may_be_empty:
+    if not (may_be_empty or (union_by_name and delay)):
         return f"SELECT {columns} FROM {read})"
+    empty = ", allow_empty = true" if may_be_empty else ""
     return (
-        f"SELECT {columns} FROM (SELECT * FROM {read}, allow_empty = true) "
-        f"UNION ALL BY NAME {empty_sql(table)})"
+        f"SELECT {columns} FROM (SELECT * FROM {read}{empty}) "
+        f"UNION ALL BY NAME {empty_sql(table, delay)})"
     )
+
+
+def _column_sql(name: str, kind: str, delay: bool, mixed: bool) -> str:
+    """The select item of one column (see :func:`read_sql`)."""
+    if not delay or name != "received_at":
+        return f"{name}::{kind} AS {name}"
+    added = f"exchange_ts + to_microseconds({RECEIVED_DELAY_COLUMN})"
+    return f"coalesce(received_at, {added}) AS received_at" if mixed else f"{added} AS received_at"
 
 
 def layered_sql(

@@ -88,7 +88,7 @@ import pyarrow.parquet as pq
 import structlog
 
 from recorder.buffer import Key
-from recorder.packing import COMPRESSION_LEVEL, write_compacted
+from recorder.packing import COMPRESSION_LEVEL, pack_received, unpack_received, write_compacted
 from recorder.paths import decode_contract, encode_contract, file_name, seq_range
 from recorder.schema import CONTRACT_COLUMN, TABLES, Table
 from recorder.state import STATE_DIR, fsync_dir
@@ -439,7 +439,7 @@ class Compactor:
             folder.mkdir(exist_ok=True)
             path = folder / file_name(first, first, PLACEHOLDER)
             tmp = path.with_name(f".{path.name}.tmp")
-            pq.write_table(table.arrow_schema.empty_table(), tmp)
+            pq.write_table(table.contract_schema.empty_table(), tmp)
             os.rename(tmp, path)
 
     def _build(
@@ -552,7 +552,8 @@ class Compactor:
     def _write(self, table: Table, data: pa.Table, path: Path) -> pa.Table:
         """Write ``data`` as the compacted file ``path``, durably; returns it as written."""
         tmp = path.with_name(f".{path.name}.tmp")
-        written = write_compacted(data, tmp, sort_keys(table), self.compression_level)
+        packed = pack_received(table, data)
+        written = write_compacted(packed, tmp, sort_keys(table), self.compression_level)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.rename(tmp, path)
@@ -686,7 +687,9 @@ def _covered(names: Iterable[str]) -> list[str]:
 
 def conform(schema: pa.Schema, part: pa.Table) -> pa.Table | None:
     """``part`` in ``schema``: a missing column becomes nulls, a column of another type is cast;
-    None when it has a column ``schema`` does not know (compacting would drop it)."""
+    None when it has a column ``schema`` does not know (compacting would drop it). A contract
+    file's ``received_at`` is given back (:func:`recorder.packing.unpack_received`)."""
+    part = unpack_received(part)
     if set(part.column_names) - set(schema.names):
         return None
     columns = [

@@ -5,6 +5,13 @@ is written for size: zstd at ``COMPRESSION_LEVEL`` (19; the flushes use
 ``storage.compression_level``, 1), each column in whichever of PLAIN, dictionary,
 DELTA_BINARY_PACKED and BYTE_STREAM_SPLIT compresses it smallest, columns without a null
 REQUIRED, statistics only where queries filter, and no Arrow schema in the footer.
+
+A contract file of a table with ``exchange_ts`` holds ``received_at`` as its difference from
+``exchange_ts`` (:data:`recorder.schema.RECEIVED_DELAY_COLUMN`, :func:`pack_received`):
+both times grow with the feed, and the second adds only the lag to the first. On the size
+benchmark that column takes 1.0-1.2 bytes a row instead of 2.3-2.7 (5.2 bytes a message over
+the four tables). The views add it back (:func:`recorder.catalog.read_sql`), as does
+:func:`unpack_received` for the compactor, which reads contract files again.
 """
 
 from __future__ import annotations
@@ -12,7 +19,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from recorder.schema import RECEIVED_DELAY_COLUMN, Table
 
 #: zstd level of compacted files: compaction is offline and once per partition, so zstd's
 #: strongest regular level (on the size benchmark: 2 % fewer bytes than level 9, 1.7 times the CPU)
@@ -57,6 +67,38 @@ def write_compacted(
         sorting_columns=[pq.SortingColumn(data.column_names.index(k)) for k in sort],
     )
     return data
+
+
+def pack_received(table: Table, data: pa.Table) -> pa.Table:
+    """``data`` (in ``table.arrow_schema``) in ``table.contract_schema``: ``received_at`` as
+    microseconds after ``exchange_ts`` where the table :attr:`~Table.packs_received`.
+
+    Raises ValueError for a row with ``received_at`` but no ``exchange_ts``, which the
+    difference could not give back (the flattener never makes one: a frame without a
+    timestamp is quarantined).
+    """
+    if not table.packs_received:
+        return data
+    exchange = data.column("exchange_ts").cast(pa.int64())
+    received = data.column("received_at").cast(pa.int64())
+    if pc.any(pc.and_(exchange.is_null(), received.is_valid())).as_py():
+        raise ValueError(f"{table.name}: a row has received_at but no exchange_ts")
+    delay = pc.subtract_checked(received, exchange)
+    where = data.schema.get_field_index("received_at")
+    return data.set_column(where, table.contract_schema.field(where), delay)
+
+
+def unpack_received(data: pa.Table) -> pa.Table:
+    """The inverse of :func:`pack_received`, for a contract file as read: ``received_at`` in
+    place of :data:`~recorder.schema.RECEIVED_DELAY_COLUMN` (a file written before the
+    difference was stored holds ``received_at`` and is returned as it is)."""
+    if RECEIVED_DELAY_COLUMN not in data.column_names:
+        return data
+    where = data.schema.get_field_index(RECEIVED_DELAY_COLUMN)
+    exchange = data.column("exchange_ts")
+    received = pc.add_checked(exchange.cast(pa.int64()), data.column(where).cast(pa.int64()))
+    field = pa.field("received_at", exchange.type, data.schema.field(where).nullable)
+    return data.set_column(where, field, received.cast(exchange.type))
 
 
 def required_where_complete(data: pa.Table) -> pa.Schema:

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from recorder.buffer import Batch, Key
 from recorder.errors import StorageError
+from recorder.packing import pack_received
 from recorder.paths import file_name, partition_dir
 from recorder.schema import CONTRACT_COLUMN, TABLES, Table
 from recorder.state import STATE_DIR, fsync_dir
@@ -140,9 +141,12 @@ class ParquetWriter:
             raise StorageError(f"partition path escapes the data directory: {path}")
         return path
 
-    def _write_parquet(self, table: Table, rows: list[tuple[object, ...]], path: Path) -> None:
+    def _write_parquet(
+        self, table: Table, rows: list[tuple[object, ...]], path: Path, contract_file: bool
+    ) -> None:
+        data = to_arrow(table, rows)
         pq.write_table(
-            to_arrow(table, rows),
+            pack_received(table, data) if contract_file else data,
             path,
             compression="zstd",
             compression_level=self.compression_level,
@@ -257,7 +261,11 @@ class ParquetWriter:
         return written, [], None
 
     def write(self, batch: Batch) -> WrittenFile:
-        """Write one batch as one file; on failure raise StorageError and leave no visible file."""
+        """Write one batch as one file; on failure raise StorageError and leave no visible file.
+
+        A batch of one contract is written as a contract file (with ``received_at`` held as
+        in the compactor's, :func:`recorder.packing.pack_received`), not as a day file.
+        """
         table = TABLES[batch.key[0]]
         path = self.path_for(batch)
         tmp = path.with_name(f".{path.name}.tmp")
@@ -265,7 +273,7 @@ class ParquetWriter:
             # the compactor swaps partition folders under this lock (recorder.compaction)
             with partition_lock(self.data_dir, batch.key):
                 path.parent.mkdir(parents=True, exist_ok=True)
-                self._write_parquet(table, batch.rows, tmp)
+                self._write_parquet(table, batch.rows, tmp, batch.key[2] is not None)
                 if self.fsync:
                     fd = os.open(tmp, os.O_RDONLY)
                     try:

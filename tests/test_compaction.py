@@ -34,14 +34,16 @@ from recorder.packing import (
     _candidates,
     _chunk_bytes,
     choose_encodings,
+    pack_received,
     statistics_columns,
+    unpack_received,
 )
-from recorder.paths import encode_contract, seq_range
+from recorder.paths import encode_contract, file_name, seq_range
 from recorder.recovery import HighWater
-from recorder.schema import TABLES
+from recorder.schema import RECEIVED_DELAY_COLUMN, TABLES
 from recorder.simrunner import SimulatorThread
 from recorder.simulator import SimulatorOptions
-from recorder.writer import ParquetWriter
+from recorder.writer import ParquetWriter, to_arrow
 from tests.conftest import make_config, record_until, wait_for
 from tests.test_daemon import RECORDER
 
@@ -244,14 +246,16 @@ def test_compacted_files_are_written_for_size_and_read_back_the_same(store: Path
     for folder, (name,) in partitions(store).items():
         table = TABLES[folder.parts[0]]
         path = store / folder / name
-        # the Parquet types alone give DuckDB the schema's types (TIMESTAMPTZ, DATE, TIME, ...)
-        nulls = ", ".join(f"NULL::{c.type} AS {c.name}" for c in table.file_columns)
+        # the Parquet types alone give DuckDB the schema's types (TIMESTAMPTZ, DATE, TIME, ...);
+        # a contract file holds received_at as microseconds after exchange_ts
+        kinds = {c.name: c.type for c in table.file_columns} | {RECEIVED_DELAY_COLUMN: "BIGINT"}
+        nulls = ", ".join(f"NULL::{kinds[n]} AS {n}" for n in table.contract_schema.names)
         expected = column_types(con, f"(SELECT {nulls})")
         assert column_types(con, f"read_parquet('{path}', hive_partitioning = false)") == expected
         parquet = pq.ParquetFile(path)
         assert b"ARROW:schema" not in (parquet.metadata.metadata or {}), folder
         data = parquet.read()
-        times = [c.name for c in table.file_columns if c.type == "TIMESTAMPTZ"]
+        times = [n for n in table.contract_schema.names if kinds[n] == "TIMESTAMPTZ"]
         filtered = ["exchange_ts"] if "exchange_ts" in times else times
         assert statistics_columns(data.schema) == filtered, folder
         group = parquet.metadata.row_group(0)
@@ -297,6 +301,30 @@ def test_each_column_gets_the_encoding_that_compresses_it_smallest() -> None:
             with contextlib.suppress(pa.ArrowNotImplementedError, pa.ArrowInvalid):
                 sizes[encoding] = _chunk_bytes(field, data.column(field.name), encoding, 9)
         assert sizes[chosen[field.name]] == min(sizes.values()), field.name
+
+
+def test_the_receive_lag_gives_received_at_back_and_a_row_without_exchange_ts_is_refused() -> None:
+    """pack_received keeps received_at as the lag after exchange_ts (0, negative, 11 days);
+    unpack_received adds it back exactly; a table without exchange_ts is left as it is."""
+    table = TABLES["aggregate"]
+    noon = 1_700_000_000_000_000
+    names = [c.name for c in table.file_columns]
+    lags = [0, -5, 950_400_000_000]
+    rows = [
+        tuple({"exchange_ts": noon, "received_at": noon + lag, "seq": i}.get(n) for n in names)
+        for i, lag in enumerate(lags)
+    ]
+    data = to_arrow(table, rows)
+
+    packed = pack_received(table, data)
+    assert packed.schema == table.contract_schema
+    assert packed[RECEIVED_DELAY_COLUMN].to_pylist() == lags
+    assert unpack_received(packed).equals(data)
+    quarantine = to_arrow(TABLES["quarantine"], [])
+    assert pack_received(TABLES["quarantine"], quarantine) is quarantine
+    broken = data.set_column(0, "exchange_ts", pa.nulls(3, data.schema.field(0).type))
+    with pytest.raises(ValueError, match="received_at but no exchange_ts"):
+        pack_received(table, broken)
 
 
 def test_the_compaction_level_is_the_one_given(store: Path) -> None:
@@ -555,6 +583,39 @@ def test_a_fallback_crash_on_a_single_file_partition_is_repaired(tmp_path: Path)
     assert compact(tmp_path, TEHRAN, now=FUTURE, bar=False).ok
     assert partitions(tmp_path)[folder] == [f"{5:020d}-{5:020d}.c.parquet"]
     assert checksums(tmp_path) == before
+
+
+def test_files_written_before_the_receive_lag_are_compacted_into_it(tmp_path: Path) -> None:
+    """A contract folder holding a file that stores received_at itself (as written before)
+    and one that stores the lag is compacted into one file of the lag, with the same rows."""
+    writer = ParquetWriter(tmp_path, fsync=False)
+    table = TABLES["contract_info"]
+    noon = 1_700_000_000_000_000
+    names = [c.name for c in table.file_columns]
+    values = {"exchange_ts": noon, "open_interest": 3, "source": "stream"}
+    old = {**values, "seq": 1, "received_at": noon + 1_234_567}
+    new = {**values, "seq": 2, "received_at": noon - 89}
+    path = writer.write(
+        Batch(("contract_info", "2024-01-01", "1001"), [tuple(new.get(n) for n in names)])
+    ).path
+    legacy = to_arrow(table, [tuple(old.get(n) for n in names)])
+    pq.write_table(legacy, path.with_name(file_name(1, 1)))
+    before = checksums(tmp_path)
+    con = recorder.connect(tmp_path)
+    received = "SELECT seq, epoch_us(received_at) FROM contract_info ORDER BY seq"
+    assert con.execute(received).fetchall() == [(1, noon + 1_234_567), (2, noon - 89)]
+
+    assert compact(tmp_path, TEHRAN, now=FUTURE, bar=False).ok
+    folder = Path("contract_info/date=2024-01-01/contract=1001")
+    assert partitions(tmp_path)[folder] == [file_name(1, 2, "c")]
+    stored = pq.read_table(tmp_path / folder / file_name(1, 2, "c"))
+    assert stored.column_names == table.contract_schema.names
+    assert stored[RECEIVED_DELAY_COLUMN].to_pylist() == [1_234_567, -89]
+    assert checksums(tmp_path) == before
+    assert recorder.connect(tmp_path).execute(received).fetchall() == [
+        (1, noon + 1_234_567),
+        (2, noon - 89),
+    ]
 
 
 def test_compaction_keys_are_configurable_from_the_environment() -> None:

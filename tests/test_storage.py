@@ -12,7 +12,7 @@ import pytest
 import recorder
 from recorder.buffer import Batch
 from recorder.errors import StorageError
-from recorder.schema import TABLES
+from recorder.schema import RECEIVED_DELAY_COLUMN, TABLES
 from recorder.state import STATE_DIR, SeqAllocator, max_seq_on_disk
 from recorder.writer import ParquetWriter
 
@@ -126,12 +126,15 @@ def test_write_creates_exactly_one_zstd_file_at_the_partition_path(tmp_path: Pat
 
 @pytest.mark.parametrize("table", list(SAMPLES))
 def test_file_holds_the_file_columns_only(tmp_path: Path, table: str) -> None:
-    """The Parquet file has the table's Arrow schema: partition columns live in folder names."""
+    """A contract file has the table's contract-file schema: partition columns live in folder
+    names, and ``received_at`` is held as microseconds after ``exchange_ts``."""
     written = ParquetWriter(tmp_path, fsync=False).write(
         Batch((table, DAY, "1001"), SAMPLES[table][0])
     )
 
-    assert pq.read_schema(written.path).remove_metadata() == TABLES[table].arrow_schema
+    schema = pq.read_schema(written.path).remove_metadata()
+    assert schema == TABLES[table].contract_schema
+    assert (RECEIVED_DELAY_COLUMN in schema.names) == ("exchange_ts" in schema.names)
 
 
 @pytest.mark.parametrize("table", list(SAMPLES))

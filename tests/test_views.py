@@ -15,8 +15,8 @@ import recorder
 from recorder.buffer import Batch
 from recorder.catalog import FileSchemas
 from recorder.paths import file_name
-from recorder.schema import TABLES
-from recorder.writer import ParquetWriter
+from recorder.schema import RECEIVED_DELAY_COLUMN, TABLES
+from recorder.writer import ParquetWriter, to_arrow
 
 DAY = date(2026, 5, 30)  # Tehran dates: 06:00Z is 09:30 local
 NEXT = date(2026, 5, 31)
@@ -379,6 +379,40 @@ def test_views_read_files_written_after_connect_without_union_by_name(store: Pat
     assert _query(con, "SELECT contract, seq FROM aggregate WHERE seq = 20") == [("C", 20)]
     views = _query(con, "SELECT view_name FROM duckdb_views() WHERE sql LIKE '%union_by_name%'")
     assert views == []
+
+
+def test_contract_files_hold_the_receive_lag_and_older_files_read_the_same(store: Path) -> None:
+    """A contract file holds received_at as microseconds after exchange_ts (a lag may be
+    negative: the two clocks differ); the views and the Store add it back, exactly, also
+    next to a file written before, which holds received_at itself."""
+    writer = ParquetWriter(store, fsync=False)
+    ts = at(6, 0, 0, day=31)
+    packed = list(aggregate(20, ts, NEXT, 1, 1, 100, 100, 100, 100, 100))
+    packed[1] = _us(ts) - 250  # received_at: 250 us before the exchange's timestamp
+    path = writer.write(Batch(("aggregate", "2026-05-31", "C"), [tuple(packed)])).path
+    stored = pq.read_table(path)
+    assert "received_at" not in stored.column_names
+    assert stored[RECEIVED_DELAY_COLUMN].to_pylist() == [-250]
+    legacy = list(aggregate(21, ts, NEXT, 2, 2, 200, 200, 200, 200, 200))
+    legacy[1] = _us(ts) + 1_500_000
+    old = TABLES["aggregate"].arrow_schema  # the file columns as written before
+    folder = path.parent.parent / "contract=D"
+    folder.mkdir()
+    pq.write_table(
+        to_arrow(TABLES["aggregate"], [tuple(legacy)]).cast(old), folder / "21-21.parquet"
+    )
+    expected = [
+        (20, datetime(2026, 5, 31, 5, 59, 59, 999750, tzinfo=UTC)),
+        (21, datetime(2026, 5, 31, 6, 0, 1, 500000, tzinfo=UTC)),
+    ]
+
+    con = recorder.connect(store)
+    sql = "SELECT seq, received_at FROM aggregate WHERE seq >= 20 ORDER BY seq"
+    assert _query(con, sql) == expected
+    assert _query(con, "SELECT count(*) FROM aggregate") == [(9,)]
+    table = recorder.Store(store).table("aggregate", start=ts, end=at(7, 0, 0, day=31))
+    found = zip(table["seq"].to_pylist(), table["received_at"].to_pylist(), strict=True)
+    assert list(found) == expected
 
 
 def test_file_schemas_tell_a_file_lacking_a_column_and_skip_removed_files(store: Path) -> None:
