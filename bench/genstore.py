@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from recorder.compactor import TAG
+from recorder.folding import TAG
 from recorder.packing import ROW_GROUP_ROWS, pack_received
 from recorder.paths import file_name, partition_dir
 from recorder.schema import TABLES

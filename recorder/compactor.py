@@ -64,6 +64,9 @@ folder with the same staging, locks (:meth:`Compactor.date_locks`) and exchange.
 The compacted file is written once and kept, so it is written for size
 (:func:`recorder.packing.write_compacted`). The views return the same columns, types and values
 as before it.
+
+What a swap reads (listings, the plan of a date fold, the rows of each new file) is in
+:mod:`recorder.folding`.
 """
 
 from __future__ import annotations
@@ -76,33 +79,50 @@ import itertools
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import date
 from enum import Enum
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import structlog
 
 from recorder.buffer import Key
-from recorder.packing import COMPRESSION_LEVEL, pack_received, unpack_received, write_compacted
+from recorder.folding import (
+    CONTRACT_FOLDER,
+    PLACEHOLDER,
+    TAG,
+    ContractPlan,
+    DateListing,
+    Unsafe,
+    contract_rows,
+    covered_files,
+    day_contracts,
+    file_size,
+    is_compacted,
+    is_placeholder,
+    list_date,
+    plan_fold,
+    read_days,
+    read_sorted,
+    sort_keys,
+    span,
+    visible_files,
+)
+from recorder.packing import COMPRESSION_LEVEL, pack_received, write_compacted
 from recorder.paths import decode_contract, encode_contract, file_name, seq_range
-from recorder.schema import CONTRACT_COLUMN, TABLES, Table
+from recorder.schema import TABLES, Table
 from recorder.state import STATE_DIR, fsync_dir
 from recorder.writer import partition_lock
 
 log = structlog.get_logger("recorder.compactor")
 
-TAG = "c"  # compacted files are named {first}-{last}.c.parquet
-PLACEHOLDER = "p"  # a date fold's row-less marker in a contract folder: {s}-{s}.p.parquet
 STAGING = "compaction"  # {data_dir}/_state/compaction/<partition path>
 #: contracts whose rows a date fold reads from the day files at once (its memory bound)
 CHUNK_CONTRACTS = 64
 _DATE_FOLDER = re.compile(r"^date=(\d{4}-\d{2}-\d{2})$")
-_CONTRACT_FOLDER = "contract="
 #: any contract: partition_lock of (table, date, contract) locks the date folder, whichever
 _ANY_CONTRACT = "-"
 _AT_FDCWD = -100
@@ -133,7 +153,7 @@ class Partition:
 
     @property
     def compacted(self) -> bool:
-        return len(self.files) == 1 and _is_compacted(self.files[0])
+        return len(self.files) == 1 and is_compacted(self.files[0])
 
     @property
     def date_fold(self) -> bool:
@@ -151,59 +171,6 @@ class Done:
     bytes_before: int = 0
     bytes_after: int = 0
     rows: int = 0  # rows written
-
-
-def _is_compacted(name: str) -> bool:
-    return name.endswith(f".{TAG}.parquet")
-
-
-def _is_placeholder(name: str) -> bool:
-    return name.endswith(f".{PLACEHOLDER}.parquet")
-
-
-def visible_files(folder: Path) -> tuple[str, ...]:
-    """The Parquet files a view reads in ``folder`` (temporary files end in ``.tmp``)."""
-    try:
-        return tuple(sorted(n for n in os.listdir(folder) if n.endswith(".parquet")))
-    except FileNotFoundError:
-        return ()
-
-
-@dataclass(frozen=True)
-class DateListing:
-    """What a date folder of a table partitioned by contract holds: its day files, the visible
-    files of each contract folder, and whether anything else is there (a foreign entry)."""
-
-    day_files: tuple[str, ...]
-    contracts: dict[str, tuple[str, ...]]  # contract folder name -> its visible files
-    foreign: bool
-
-    def paths(self) -> tuple[str, ...]:
-        """Every file, relative to the date folder (day files first)."""
-        inner = (f"{c}/{n}" for c, names in sorted(self.contracts.items()) for n in names)
-        return (*self.day_files, *inner)
-
-
-def list_date(folder: Path) -> DateListing:
-    """List a date folder (see :class:`DateListing`); temporary files are not foreign."""
-    day_files: list[str] = []
-    contracts: dict[str, tuple[str, ...]] = {}
-    foreign = False
-    try:
-        with os.scandir(folder) as entries:
-            found = list(entries)
-    except FileNotFoundError:
-        found = []
-    for entry in found:
-        if entry.is_dir(follow_symlinks=False) and entry.name.startswith(_CONTRACT_FOLDER):
-            names = os.listdir(entry.path)
-            contracts[entry.name] = tuple(sorted(n for n in names if n.endswith(".parquet")))
-            foreign |= any(not n.endswith((".parquet", ".tmp")) for n in names)
-        elif entry.name.endswith(".parquet") and entry.is_file(follow_symlinks=False):
-            day_files.append(entry.name)
-        elif not entry.name.endswith(".tmp"):
-            foreign = True
-    return DateListing(tuple(sorted(day_files)), contracts, foreign)
 
 
 @functools.cache
@@ -227,22 +194,6 @@ def exchange(a: Path, b: Path) -> bool:
     if code in _UNSUPPORTED:
         return False
     raise OSError(code, os.strerror(code), str(a), None, str(b))
-
-
-@dataclass(frozen=True)
-class _Contract:
-    """The plan of one contract folder in a date fold."""
-
-    folder: str  # contract=<encoded>
-    contract: str
-    sources: tuple[str, ...]  # its files read into the new file (none covered, no placeholder)
-    covers: tuple[tuple[int, int], ...]  # ranges of its compacted files: day rows there are in
-    name: str | None  # of its new compacted file; None: ``sources`` kept as they are (linked)
-    replaced: tuple[str, ...]  # its files the new folder does not keep (placeholders too)
-
-
-class _Unsafe(Exception):
-    """A date fold met a file it must not rewrite (foreign, overlapping, unknown column)."""
 
 
 class Compactor:
@@ -288,7 +239,7 @@ class Compactor:
                     yield Partition(key, day_folder, listing.paths())
                     continue
                 for name in sorted(listing.contracts):
-                    contract = decode_contract(name.removeprefix(_CONTRACT_FOLDER))
+                    contract = decode_contract(name.removeprefix(CONTRACT_FOLDER))
                     key = (table.name, day.isoformat(), contract)
                     yield Partition(key, day_folder / name, listing.contracts[name])
 
@@ -311,11 +262,11 @@ class Compactor:
 
         A date fold deletes nothing here: it leaves covered files and rows out itself.
         """
-        if partition.date_fold or not any(_is_compacted(n) for n in partition.files):
+        if partition.date_fold or not any(is_compacted(n) for n in partition.files):
             return partition
         with partition_lock(self.data_dir, partition.key):
             names = visible_files(partition.folder)
-            covered = _covered(names)
+            covered = covered_files(names)
             for name in covered:
                 (partition.folder / name).unlink()
             if covered:
@@ -390,22 +341,22 @@ class Compactor:
             return Done(Outcome.CHANGED)  # folded meanwhile (by another process)
         try:
             if listing.foreign:
-                raise _Unsafe(str(live))
-            in_days = _day_contracts(table, [live / n for n in listing.day_files])
-            _plan(listing, in_days, placed=False)  # names and ranges checked before any write
+                raise Unsafe(str(live))
+            in_days = day_contracts(table, [live / n for n in listing.day_files])
+            plan_fold(listing, in_days, placed=False)  # names and ranges checked before any write
             self._place_holders(table, live, listing, in_days)
             listing = list_date(live)
-            plans = _plan(listing, in_days)
-        except _Unsafe:
+            plans = plan_fold(listing, in_days)
+        except Unsafe:
             return Done(Outcome.UNSAFE)
         replaced = [*listing.day_files]
         for plan in plans:
-            replaced += [f"{plan.folder}/{n}" for n in plan.replaced if not _is_placeholder(n)]
-        before = sum(_size(live, n) for n in replaced)
+            replaced += [f"{plan.folder}/{n}" for n in plan.replaced if not is_placeholder(n)]
+        before = sum(file_size(live, n) for n in replaced)
         staged = self.fresh_staging(live)
         try:
             rows, after, written = self._build(table, live, staged, listing, plans)
-        except _Unsafe:
+        except Unsafe:
             shutil.rmtree(staged)
             self._prune(staged.parent)
             return Done(Outcome.UNSAFE)
@@ -431,9 +382,9 @@ class Compactor:
     ) -> None:
         """Give each contract with rows in the day files and no file of its own a row-less
         file (see "readers" in the module docstring), named by a seq the day files name."""
-        first = min(_span(n)[0] for n in listing.day_files)
+        first = min(span(n)[0] for n in listing.day_files)
         for contract in sorted(in_days):
-            folder = live / (_CONTRACT_FOLDER + encode_contract(contract))
+            folder = live / (CONTRACT_FOLDER + encode_contract(contract))
             if listing.contracts.get(folder.name):
                 continue
             folder.mkdir(exist_ok=True)
@@ -448,7 +399,7 @@ class Compactor:
         live: Path,
         staged: Path,
         listing: DateListing,
-        plans: list[_Contract],
+        plans: list[ContractPlan],
     ) -> tuple[int, int, int]:
         """Write the new date folder into ``staged``; returns its new rows, bytes and files."""
         rows = size = files = 0
@@ -461,11 +412,11 @@ class Compactor:
         rewritten = [p for p in plans if p.name is not None]
         for start in range(0, len(rewritten), self.chunk_contracts):
             chunk = rewritten[start : start + self.chunk_contracts]
-            days = _read_days(table, day_paths, [p.contract for p in chunk])
+            days = read_days(table, day_paths, [p.contract for p in chunk])
             for plan in chunk:
-                data, added = _contract_rows(table, live / plan.folder, plan, days)
+                data, added = contract_rows(table, live / plan.folder, plan, days)
                 if added and plan.name in listing.contracts[plan.folder]:
-                    raise _Unsafe(f"{plan.folder}/{plan.name} would change under its name")
+                    raise Unsafe(f"{plan.folder}/{plan.name} would change under its name")
                 if data.num_rows == 0:
                     continue  # a contract folder with nothing but placeholders
                 assert plan.name is not None
@@ -476,7 +427,7 @@ class Compactor:
         return rows, size, files
 
     def _install_date(
-        self, key: Key, live: Path, staged: Path, listing: DateListing, plans: list[_Contract]
+        self, key: Key, live: Path, staged: Path, listing: DateListing, plans: list[ContractPlan]
     ) -> None:
         """Make the staged date folder the live one (called under both locks)."""
         if self.exchange(staged, live):
@@ -568,148 +519,3 @@ class Compactor:
             except OSError:
                 return
             folder = folder.parent
-
-
-def _size(folder: Path, name: str) -> int:
-    with contextlib.suppress(FileNotFoundError):
-        return (folder / name).stat().st_size
-    return 0
-
-
-def _span(name: str) -> tuple[int, int]:
-    span = seq_range(name)
-    if span is None:
-        raise _Unsafe(name)
-    return span
-
-
-def _day_contracts(table: Table, paths: list[Path]) -> set[str]:
-    """The contracts with rows in the day files ``paths``; _Unsafe when a file has a column the
-    schema does not know (compacting would drop it) or no ``contract`` column."""
-    known = set(table.day_schema.names)
-    found: set[str] = set()
-    for path in paths:
-        _span(path.name)
-        parquet = pq.ParquetFile(path)
-        names = set(parquet.schema_arrow.names)
-        if names - known or CONTRACT_COLUMN not in names:
-            raise _Unsafe(str(path))
-        for batch in parquet.iter_batches(columns=[CONTRACT_COLUMN]):
-            found.update(pc.unique(batch.column(0)).to_pylist())
-    if None in found:
-        raise _Unsafe("a day file row without a contract")
-    return found
-
-
-def _plan(listing: DateListing, in_days: set[str], placed: bool = True) -> list[_Contract]:
-    """What becomes of each contract folder of a date fold (_Unsafe: foreign or overlapping
-    files; or, ``placed``, a contract of the day files without a folder)."""
-    day_spans = [_span(n) for n in listing.day_files]
-    if any(a[1] >= b[0] for a, b in itertools.pairwise(sorted(day_spans))):
-        raise _Unsafe("overlapping day files")
-    plans = []
-    for folder, names in sorted(listing.contracts.items()):
-        contract = decode_contract(folder.removeprefix(_CONTRACT_FOLDER))
-        spans = {n: _span(n) for n in names}
-        real = [n for n in names if not _is_placeholder(n)]
-        covered = set(_covered(real))
-        kept = tuple(n for n in real if n not in covered)
-        if any(a[1] >= b[0] for a, b in itertools.pairwise(sorted(spans[n] for n in kept))):
-            raise _Unsafe(folder)
-        covers = tuple(spans[n] for n in kept if _is_compacted(n))
-        if contract not in in_days and (not kept or (len(kept) == 1 and _is_compacted(kept[0]))):
-            name = None  # kept as it is (or, with nothing kept, an empty folder)
-        else:
-            every = [spans[n] for n in real] + day_spans
-            name = file_name(min(s[0] for s in every), max(s[1] for s in every), TAG)
-        kept_names = () if name is not None else kept
-        replaced = tuple(n for n in names if n not in kept_names)
-        plans.append(_Contract(folder, contract, kept, covers, name, replaced))
-    if placed and in_days - {p.contract for p in plans}:  # each got a placeholder
-        raise _Unsafe(f"contracts without a folder: {sorted(in_days)[:3]}")
-    return plans
-
-
-def _read_days(table: Table, paths: list[Path], contracts: list[str]) -> pa.Table:
-    """The rows of ``contracts`` in the day files ``paths``, in the day files' schema (file
-    columns, then ``contract``), in file order; row-group statistics skip other contracts."""
-    wanted = pc.field(CONTRACT_COLUMN).isin(contracts)
-    parts = []
-    for path in paths:
-        part = conform(table.day_schema, pq.read_table(path, filters=wanted))
-        if part is None:
-            raise _Unsafe(str(path))
-        parts.append(part)
-    return pa.concat_tables(parts) if parts else table.day_schema.empty_table()
-
-
-def _contract_rows(
-    table: Table, folder: Path, plan: _Contract, days: pa.Table
-) -> tuple[pa.Table, int]:
-    """A contract's rows for its new file, sorted: its files' and its rows of the day files
-    (but those in the range of one of its compacted files, which holds them already); and how
-    many rows the day files added."""
-    mine = days.filter(pc.equal(days.column(CONTRACT_COLUMN), plan.contract))
-    for first, last in plan.covers:
-        seq = mine.column("seq")
-        inside = pc.and_(pc.greater_equal(seq, first), pc.less_equal(seq, last))
-        mine = mine.filter(pc.invert(inside))
-    parts = []
-    for name in plan.sources:
-        part = conform(table.arrow_schema, pq.ParquetFile(folder / name).read())
-        if part is None:
-            raise _Unsafe(str(folder / name))
-        parts.append(part)
-    parts.append(mine.select(table.arrow_schema.names))
-    merged = pa.concat_tables(parts).combine_chunks()
-    # a stable sort: the rows of one frame (one seq) keep their order
-    return merged.sort_by([(k, "ascending") for k in sort_keys(table)]), mine.num_rows
-
-
-def sort_keys(table: Table) -> list[str]:
-    """The order of a compacted file: (exchange_ts, seq), or seq where there is no exchange_ts."""
-    names = [c.name for c in table.file_columns]
-    return ["exchange_ts", "seq"] if "exchange_ts" in names else ["seq"]
-
-
-def _covered(names: Iterable[str]) -> list[str]:
-    """Files whose seq range lies inside that of another, compacted, file of the same folder
-    (its source: every later flush holds higher seqs, and recovery never writes lower ones)."""
-    spans = {n: seq_range(n) for n in names}
-    compacted = {n: s for n, s in spans.items() if s is not None and _is_compacted(n)}
-    return [
-        n
-        for n, s in spans.items()
-        if s is not None
-        and any(m != n and c[0] <= s[0] and s[1] <= c[1] for m, c in compacted.items())
-    ]
-
-
-def conform(schema: pa.Schema, part: pa.Table) -> pa.Table | None:
-    """``part`` in ``schema``: a missing column becomes nulls, a column of another type is cast;
-    None when it has a column ``schema`` does not know (compacting would drop it). A contract
-    file's ``received_at`` is given back (:func:`recorder.packing.unpack_received`)."""
-    part = unpack_received(part)
-    if set(part.column_names) - set(schema.names):
-        return None
-    columns = [
-        part.column(f.name).cast(f.type)
-        if f.name in part.column_names
-        else pa.nulls(part.num_rows, f.type)
-        for f in schema
-    ]
-    return pa.Table.from_arrays(columns, schema=schema)
-
-
-def read_sorted(paths: list[Path], schema: pa.Schema, keys: list[str]) -> pa.Table | None:
-    """Every row of ``paths`` in ``schema``, sorted by ``keys``; None when a file has a
-    column ``schema`` does not know (rewriting it would drop that column)."""
-    parts = []
-    for path in paths:
-        part = conform(schema, pq.ParquetFile(path).read())
-        if part is None:
-            return None
-        parts.append(part)
-    merged = pa.concat_tables(parts).combine_chunks()
-    # a stable sort: the rows of one frame (one seq) keep their order
-    return merged.sort_by([(k, "ascending") for k in keys])

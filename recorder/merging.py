@@ -70,7 +70,8 @@ import structlog
 from recorder import compaction
 from recorder.buffer import Key
 from recorder.compaction import CompactionBusy, closed_dates_end, run_lock
-from recorder.compactor import Compactor, DateListing, Outcome, list_date, read_sorted
+from recorder.compactor import Compactor, Outcome
+from recorder.folding import DateListing, list_date, read_sorted
 from recorder.packing import statistics_columns
 from recorder.paths import file_name, seq_range
 from recorder.schema import CONTRACT_COLUMN, TABLES
