@@ -21,9 +21,8 @@ from __future__ import annotations
 import heapq
 import importlib
 import itertools
-import os
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
-from datetime import date, datetime, timedelta, tzinfo
+from datetime import datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
@@ -34,8 +33,18 @@ import pyarrow.compute as pc
 
 from recorder.catalog import SCHEMAS
 from recorder.flatten import Extra, Row, to_message
-from recorder.paths import decode_contract, encode_contract, partition_dir
+from recorder.paths import decode_contract
 from recorder.schema import DATA_TABLES, TABLES
+from recorder.storefiles import (
+    CONTRACT_PREFIX,
+    ONE_US,
+    WHOLE,
+    Contracts,
+    StoreFiles,
+    contract_list,
+    date_listing,
+    without,
+)
 from recorder.storesql import (
     SNAPSHOT,
     Database,
@@ -54,73 +63,12 @@ from recorder.storesql import (
     to_utc,
 )
 
-Contracts = str | Iterable[str] | None
-
-#: UTC offsets span -12:00..+14:00, so without the partition time zone the local date of an
-#: instant is known only to lie within these bounds of its UTC date
-_BEHIND, _AHEAD = timedelta(hours=12), timedelta(hours=14)
-_ONE_US = timedelta(microseconds=1)
-_CONTRACT = "contract="
-#: tables read whole whatever the request: the sessions and gaps views need all of them
-_WHOLE = ("session_log", "rejections")
 _REPLAY_TABLES = (*DATA_TABLES, "extras")
 #: as-of: the look-backs tried first, each for the contracts the previous one did not find
 #: (a busy contract is found in the last minute; the rows of the rest are left unread)
 _ASOF_LOOKBACKS = (timedelta(minutes=1), timedelta(hours=1))
 
 T = TypeVar("T")
-
-
-def _contract_list(contracts: Contracts) -> list[str] | None:
-    if contracts is None:
-        return None
-    return [contracts] if isinstance(contracts, str) else list(dict.fromkeys(contracts))
-
-
-def _visible(folder: Path) -> list[Path]:
-    """The Parquet files of one partition folder that readers may see (no temporary files)."""
-    try:
-        names = os.listdir(folder)
-    except FileNotFoundError:
-        return []
-    return [folder / n for n in sorted(names) if _is_parquet(n)]
-
-
-def _date_listing(folder: Path) -> tuple[set[str], list[Path]]:
-    """One date folder of a table partitioned by contract: the names of its contract folders
-    and its day files (no temporary files), from one listing."""
-    try:
-        names = os.listdir(folder)
-    except FileNotFoundError:
-        return set(), []
-    folders = {n for n in names if n.startswith(_CONTRACT)}
-    return folders, [folder / n for n in sorted(names) if _is_parquet(n)]
-
-
-def _is_parquet(name: str) -> bool:
-    return name.endswith(".parquet") and not name.startswith(".")
-
-
-def _folder_name(contract: str) -> str:
-    return _CONTRACT + encode_contract(contract)
-
-
-def _day(name: str) -> date | None:
-    if not name.startswith("date="):
-        return None
-    try:
-        return date.fromisoformat(name[5:])
-    except ValueError:
-        return None
-
-
-def _without(files: list[Path], contracts: set[str]) -> list[Path]:
-    """``files`` minus those in a partition folder of one of ``contracts`` (day files stay:
-    their rows are left out by :func:`~recorder.storesql.day_filter`)."""
-    if not contracts:
-        return files
-    folders = {_folder_name(c) for c in contracts}
-    return [f for f in files if f.parent.name not in folders]
 
 
 class Store:
@@ -138,6 +86,7 @@ class Store:
             raise FileNotFoundError(f"no such data directory: {self.data_dir}")
         tz = partition_timezone
         self.partition_timezone: tzinfo | None = ZoneInfo(tz) if isinstance(tz, str) else tz
+        self._files = StoreFiles(self.data_dir, self.partition_timezone)
         self._database = Database()
 
     def close(self) -> None:
@@ -155,37 +104,6 @@ class Store:
 
     # ------------------------------------------------------------------ partitions
 
-    def _dates(self, table: str) -> list[date]:
-        try:
-            names = os.listdir(self.data_dir / table)
-        except FileNotFoundError:
-            return []
-        return sorted(d for d in map(_day, names) if d is not None)
-
-    def _date_bounds(self, start: datetime | None, end: datetime | None) -> tuple[date, date]:
-        """The first and last partition date that can hold an instant of ``[start, end)``."""
-        tz = self.partition_timezone
-        if start is None:
-            low = date.min
-        else:
-            low = start.astimezone(tz).date() if tz else (start - _BEHIND).date()
-        if end is None:
-            high = date.max
-        else:
-            last = end - _ONE_US
-            high = last.astimezone(tz).date() if tz else (last + _AHEAD).date()
-        return low, high
-
-    def _days(self, table: str, low: date, high: date) -> list[date]:
-        """Dates of ``table`` in ``[low, high]``; a bounded range is probed, not listed."""
-        if low != date.min and high != date.max:
-            if high < low:
-                return []
-            days = (low + timedelta(days=i) for i in range((high - low).days + 1))
-            root = self.data_dir / table
-            return [d for d in days if (root / f"date={d.isoformat()}").is_dir()]
-        return [d for d in self._dates(table) if low <= d <= high]
-
     def files(
         self,
         table: str,
@@ -195,78 +113,16 @@ class Store:
     ) -> list[Path]:
         """The files of ``table`` that a request for ``contracts`` in ``[start, end)`` reads:
         per date, the contract files of ``contracts`` (all: None), then the day files."""
-        spec = TABLES[table]
-        chosen = _contract_list(contracts)
-        if table in _WHOLE:
-            return [f for d in self._dates(table) for f in _visible(self._date_dir(table, d))]
-        low, high = self._date_bounds(
-            None if start is None else to_utc(start), None if end is None else to_utc(end)
-        )
-        out: list[Path] = []
-        for day in self._days(table, low, high):
-            folder = self._date_dir(table, day)
-            if not spec.by_contract:
-                out.extend(_visible(folder))
-                continue
-            # the date folder is listed before its contract folders: a compaction folding
-            # day files into contract files in between leaves listed day files gone (the
-            # request lists again), not rows unread
-            folders, day_files = _date_listing(folder)
-            if chosen is None:
-                names = sorted(folders)
-            else:
-                names = [n for n in map(_folder_name, chosen) if n in folders]
-            for name in names:
-                out.extend(_visible(folder / name))
-            out.extend(day_files)
-        return out
+        return self._files.files(table, contracts, start, end)
 
-    def _date_dir(self, table: str, day: date) -> Path:
-        return self.data_dir / partition_dir(table, day.isoformat(), None)
-
-    def _asof_files(
-        self, table: str, contracts: list[str] | None, ts: datetime, found: set[str]
-    ) -> list[Path]:
-        """Files that can hold the last row at or before ``ts`` of each contract not ``found``.
-
-        Date folders before ``low`` hold only rows before ``ts``, so per contract the latest
-        such folder where it has contract files is enough; the folders from ``low`` to
-        ``high`` may hold rows on either side. The day files of every date so read are read
-        too (a contract's later rows may be there), and, for every contract (``contracts``
-        None), those of every date up to ``high``: a contract may have only day files, which
-        are not compacted yet (a date is compacted once it has closed, so these are few).
-        """
-        low, high = self._date_bounds(ts, ts + _ONE_US)
-        days = [d for d in self._dates(table) if d <= high]
-        listed: dict[date, tuple[set[str], list[Path]]] = {}
-
-        def listing(day: date) -> tuple[set[str], list[Path]]:
-            if day not in listed:
-                listed[day] = _date_listing(self._date_dir(table, day))
-            return listed[day]
-
-        if contracts is None:
-            names = sorted(
-                {decode_contract(n[len(_CONTRACT) :]) for d in days for n in listing(d)[0]}
-            )
-            read = set(days)
-        else:
-            names, read = contracts, set()
-        out: list[Path] = []
-        for contract in names:
-            if contract in found:
-                continue
-            name = _folder_name(contract)
-            for day in reversed(days):
-                read.add(day)
-                folders = listing(day)[0]
-                files = _visible(self._date_dir(table, day) / name) if name in folders else []
-                out.extend(files)
-                if day < low and files:
-                    break
-        for day in sorted(read):
-            out.extend(listing(day)[1])
-        return out
+    def _request(
+        self,
+        tables: Iterable[str],
+        contracts: Contracts = None,
+        start: TimeLike | None = None,
+        end: TimeLike | None = None,
+    ) -> Files:
+        return {name: self.files(name, contracts, start, end) for name in tables}
 
     def contracts(self) -> list[str]:
         """Every contract that has data in any table, sorted."""
@@ -274,7 +130,9 @@ class Store:
         def day_files() -> Files:
             return {
                 name: [
-                    f for d in self._dates(name) for f in _date_listing(self._date_dir(name, d))[1]
+                    f
+                    for d in self._files.dates(name)
+                    for f in date_listing(self._files.date_dir(name, d))[1]
                 ]
                 for name in DATA_TABLES
             }
@@ -286,9 +144,9 @@ class Store:
             rows = self._query(day_files, lambda con: con.sql(union).fetchall(), listed)
             found.update(row[0] for row in rows)
         for name in DATA_TABLES:
-            for day in self._dates(name):
-                folders = _date_listing(self._date_dir(name, day))[0]
-                found.update(decode_contract(n[len(_CONTRACT) :]) for n in folders)
+            for day in self._files.dates(name):
+                folders = date_listing(self._files.date_dir(name, day))[0]
+                found.update(decode_contract(n[len(CONTRACT_PREFIX) :]) for n in folders)
         return sorted(found)
 
     # ------------------------------------------------------------------ DuckDB
@@ -307,7 +165,7 @@ class Store:
         The connection is a cursor of the Store's database and its table views are its own
         (temporary): close it when done; a ``cursor()`` of it does not see them.
         """
-        chosen = _contract_list(contracts)
+        chosen = contract_list(contracts)
         files = self._request(TABLES, chosen, start, end)
         probe = self._database.cursor({})  # its footer cache is the database's
         try:  # which files lack a column is known before: the caller's SQL cannot be retried
@@ -316,15 +174,6 @@ class Store:
         finally:
             probe.close()
         return self._connect(files, day_filter(chosen))
-
-    def _request(
-        self,
-        tables: Iterable[str],
-        contracts: Contracts = None,
-        start: TimeLike | None = None,
-        end: TimeLike | None = None,
-    ) -> Files:
-        return {name: self.files(name, contracts, start, end) for name in tables}
 
     def _connect(self, files: Files, rows: str = "") -> duckdb.DuckDBPyConnection:
         """A connection whose table views read exactly ``files``, the rows of day files that
@@ -373,7 +222,7 @@ class Store:
         tables without it), ordered by time and ``seq``; ``gaps`` and ``sessions`` keep what
         overlaps the range and, with ``contracts``, what concerns them.
         """
-        chosen = _contract_list(contracts)
+        chosen = contract_list(contracts)
 
         def work(con: duckdb.DuckDBPyConnection) -> pa.Table:
             views = {row[0] for row in con.sql("SELECT view_name FROM duckdb_views()").fetchall()}
@@ -415,7 +264,7 @@ class Store:
         ``interval`` is a timedelta or DuckDB interval text (``"1 minute"``); buckets are
         aligned in ``tz``. Ordered by contract and ``bar_start``.
         """
-        chosen = _contract_list(contracts)
+        chosen = contract_list(contracts)
         since = None if start is None else to_utc(start)
         until = None if end is None else to_utc(end)
         where, params = contract_filter(chosen)
@@ -438,7 +287,7 @@ class Store:
         last message of a contract found is its last one at all, so the answer is exact.
         """
         at = to_utc(ts)
-        chosen = _contract_list(contracts)
+        chosen = contract_list(contracts)
         parts: list[pa.Table] = []
         found: set[str] = set()
         for lookback in (*_ASOF_LOOKBACKS, None):
@@ -466,9 +315,9 @@ class Store:
 
         def request() -> Files:
             if lookback is None:
-                return {n: self._asof_files(n, wanted, at, found) for n in DATA_TABLES}
-            listed = self._request(DATA_TABLES, wanted, at - lookback, at + _ONE_US)
-            return {n: _without(files, found) for n, files in listed.items()}
+                return {n: self._files.asof_files(n, wanted, at, found) for n in DATA_TABLES}
+            listed = self._request(DATA_TABLES, wanted, at - lookback, at + ONE_US)
+            return {n: without(files, found) for n, files in listed.items()}
 
         files = request()
         if not any(files.values()):
@@ -493,7 +342,7 @@ class Store:
         end: TimeLike | None = None,
     ) -> int:
         """How many messages :meth:`replay` yields for the same arguments."""
-        chosen = _contract_list(contracts)
+        chosen = contract_list(contracts)
         where, params = time_filter(start, end)
         where.append(f"source IS DISTINCT FROM {sql_text(SNAPSHOT)}")
         union = " UNION ALL ".join(
@@ -517,7 +366,7 @@ class Store:
             "SELECT contract, bool_and(endpoint LIKE '%/contract/name') FROM "
             "(SELECT unnest(contracts) AS contract, endpoint FROM session_log) GROUP BY 1"
         )
-        rows = self._query(lambda: self._request(_WHOLE), lambda con: con.sql(sql).fetchall())
+        rows = self._query(lambda: self._request(WHOLE), lambda con: con.sql(sql).fetchall())
         return {contract: "contractName" for contract, by_name in rows if by_name}
 
     def replay(
@@ -557,7 +406,7 @@ class Store:
         snapshots: bool = True,
     ) -> Generator[tuple[int, dict[str, Any]]]:
         """:meth:`replay` with each message's ``exchange_ts`` in microseconds since the epoch."""
-        chosen = _contract_list(contracts)
+        chosen = contract_list(contracts)
         keys = {} if id_key is not None else self.id_keys()
         opened, streams = self._frames(chosen, start, end, snapshots)
         try:
