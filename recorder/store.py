@@ -113,7 +113,7 @@ class Store:
     ) -> list[Path]:
         """The files of ``table`` that a request for ``contracts`` in ``[start, end)`` reads:
         per date, the contract files of ``contracts`` (all: None), then the day files."""
-        return self._files.files(table, contracts, start, end)
+        return self._files.files(table, contract_list(contracts), start, end)
 
     def _request(
         self,

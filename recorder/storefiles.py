@@ -119,16 +119,10 @@ class StoreFiles:
         return [d for d in self.dates(table) if low <= d <= high]
 
     def files(
-        self,
-        table: str,
-        contracts: Contracts = None,
-        start: TimeLike | None = None,
-        end: TimeLike | None = None,
+        self, table: str, chosen: list[str] | None, start: TimeLike | None, end: TimeLike | None
     ) -> list[Path]:
-        """The files of ``table`` that a request for ``contracts`` in ``[start, end)`` reads:
-        per date, the contract files of ``contracts`` (all: None), then the day files."""
+        """:meth:`recorder.store.Store.files`, for the contracts ``chosen`` (all: None)."""
         spec = TABLES[table]
-        chosen = contract_list(contracts)
         if table in WHOLE:
             return [f for d in self.dates(table) for f in _visible(self.date_dir(table, d))]
         low, high = self.date_bounds(
