@@ -26,10 +26,8 @@ _ARROW_TYPES: dict[str, pa.DataType] = {
 CONTRACT_COLUMN = "contract"
 
 #: In the contract files of a table with ``exchange_ts`` (what compaction writes), the column
-#: that stands for ``received_at``: ``received_at - exchange_ts`` in microseconds. The receive
-#: time follows the exchange's by about the same lag in every row, so the difference takes
-#: about 1 byte a row where ``received_at`` itself took 2.3-2.7 (see :mod:`recorder.packing`);
-#: the views add it back.
+#: that stands for ``received_at``: ``received_at - exchange_ts`` in microseconds, which
+#: takes fewer bytes (see :mod:`recorder.packing`); the views add it back.
 RECEIVED_DELAY_COLUMN = "received_delay_us"
 
 #: The tables that hold market data, in the order of the message's sections.

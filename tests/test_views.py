@@ -395,12 +395,9 @@ def test_contract_files_hold_the_receive_lag_and_older_files_read_the_same(store
     assert stored[RECEIVED_DELAY_COLUMN].to_pylist() == [-250]
     legacy = list(aggregate(21, ts, NEXT, 2, 2, 200, 200, 200, 200, 200))
     legacy[1] = _us(ts) + 1_500_000
-    old = TABLES["aggregate"].arrow_schema  # the file columns as written before
     folder = path.parent.parent / "contract=D"
-    folder.mkdir()
-    pq.write_table(
-        to_arrow(TABLES["aggregate"], [tuple(legacy)]).cast(old), folder / "21-21.parquet"
-    )
+    folder.mkdir()  # a contract file as written before: received_at itself
+    pq.write_table(to_arrow(TABLES["aggregate"], [tuple(legacy)]), folder / file_name(21, 21))
     expected = [
         (20, datetime(2026, 5, 31, 5, 59, 59, 999750, tzinfo=UTC)),
         (21, datetime(2026, 5, 31, 6, 0, 1, 500000, tzinfo=UTC)),
