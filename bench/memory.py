@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from typing import Any
@@ -69,6 +70,8 @@ def main(argv: list[str] | None = None) -> None:
         sent = sim.stats()["messages_sent_total"] - sent0
         ended_wall = time.time()
         window_peak = max((mb for t, mb in rss.samples if t <= began + args.seconds), default=0)
+        samples = [mb for t, mb in rss.samples if began <= t <= began + args.seconds]
+        window_median = statistics.median(samples) if samples else 0
         cpu.stop()
         metrics = rec.metrics(timeout=120)
         log("memory: stopping the recorder (it flushes what it holds)")
@@ -101,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         "sustained": achieved >= 0.98 * args.rate,
         "peak_rss_mb_in_window": round(window_peak, 1),
         "peak_rss_mb": round(rss.peak_mb, 1),
+        "median_rss_mb_in_window": round(window_median, 1),
         "rss_timeline_mb": [round(mb) for _, mb in rss.samples[:: max(1, len(rss.samples) // 60)]],
         "stop_seconds": round(stop_seconds, 1),
         "exit_code": exit_code,

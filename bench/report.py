@@ -93,7 +93,8 @@ def memory_rows(part: dict[str, Any] | None) -> list[Row]:
         (
             f"2 peak RSS, {part['target_rate']:,.0f} msg/s offered for {part['seconds']:.0f} s",
             f"{part['peak_rss_mb_in_window']:.0f} MB while receiving ({part['peak_rss_mb']:.0f} MB "
-            f"incl. the final flush); received {_n(part['received_rate'])} msg/s: {sustained}"
+            f"incl. the final flush; median {part.get('median_rss_mb_in_window', 0):.0f} MB); "
+            f"received {_n(part['received_rate'])} msg/s: {sustained}"
             + (
                 f"; **settings not the defaults**: {part['config_overrides']}"
                 if part.get("config_overrides")
