@@ -21,6 +21,7 @@ import aiohttp
 import pyarrow as pa
 import structlog
 
+from recorder import allocators
 from recorder.auth import TokenProvider, ssl_context
 from recorder.compaction import AutoCompaction
 from recorder.config import Config, Credentials
@@ -146,6 +147,7 @@ async def record(
                 contracts=len(subscriptions.contracts),
                 connections=len(subscriptions.connections),
                 data_dir=str(config.data_dir),
+                allocators=allocators.SETTINGS,
             )
             if on_start is not None:
                 started = on_start(recorder)

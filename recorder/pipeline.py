@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import structlog
 
+from recorder import allocators
 from recorder.buffer import Batch, Buffer, Key, Row
 from recorder.columnar import Decoder, FrameBatch, batches_to_parts, partitions
 from recorder.config import JournalConfig, StorageConfig
@@ -619,7 +620,11 @@ class Pipeline:
         """:meth:`_write` of the flush's ``[batches, frames, parts]``, emptying ``job``."""
         batches, frames, parts = job
         job.clear()
-        return self._write(batches, frames, parts)
+        try:
+            return self._write(batches, frames, parts)
+        finally:
+            del batches, frames, parts
+            allocators.give_back()  # the flush's freed heap blocks (recorder.allocators)
 
     def _write(
         self, batches: list[Batch], frames: FrameBatch, parts: dict[str, list[pa.Table]]
