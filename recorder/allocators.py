@@ -1,46 +1,25 @@
-"""How the recorder hands freed memory back to the system.
+"""How the daemon hands freed memory back to the system.
 
-Two allocators keep memory the recorder has freed, counted in its RSS. Measured in
-``bench/memory.py`` (100 k msg/s offered for 60 s, 500 contracts; the median RSS over the
-minute, which was ~500 MB):
+glibc's malloc keeps freed blocks inside its heap for reuse, counted in the RSS: at 100 k
+msg/s offered, 100-230 MB of it sat free (Arrow allocates with it, see recorder.daemon).
+:func:`give_back` returns their pages (``malloc_trim``). The pipeline calls it after a flush,
+at most once a flush interval: at the feed's usual rates that is after every flush, while
+under a burst the trimmed pages are not faulted in again flush after flush. Measured with
+``bench/``: trimming after every flush lowered the median RSS at 100 k msg/s from ~480 to
+~420 MB but cost ~3 % of the throughput in paired runs; fixing glibc's mmap threshold at
+128 KB instead cost ~10 %. Once a flush interval costs nothing measurable.
 
-* **DuckDB's bundled jemalloc** keeps freed pages for 10 s, and counts that time only while
-  DuckDB allocates: after one large sort an idle process kept ~600 MB (tests: ~190 MB
-  after a 2 M-row sort, 2 MB with the setting). ``DUCKDB_JE_MALLOC_CONF``, read once when
-  the ``duckdb`` module loads, makes it return them at once: median ~477 MB, no cost in
-  throughput. :func:`configure` sets it before any command runs (``recorder.cli``); a value
-  already in the environment wins, and the library (``Store``, ``connect``) leaves a
-  program's own allocators alone.
-* **glibc's malloc** keeps freed blocks inside its heap for reuse: 100-230 MB of it sat free.
-  :func:`give_back` (``malloc_trim``) returns their pages after each flush: median ~406 MB,
-  ~3 % fewer messages/s in paired throughput runs (the trim takes 0.5-35 ms with the heap
-  locked). Fixing glibc's mmap threshold at 128 KB instead gave the same median but cost
-  ~10 %: each block of that size became a new mapping, its pages faulted in again.
+DuckDB's own allocator (a jemalloc linked into its module) is left as it is: it purges
+freed pages only while DuckDB allocates, so an idle process kept 300-600 MB after one large
+sort; purging at once (``DUCKDB_JE_MALLOC_CONF=dirty_decay_ms:0``) or in jemalloc's
+background threads (``allocator_background_threads``) gave them back but cost ~5 % of the
+throughput, every decode's pages being faulted in again.
 """
 
 from __future__ import annotations
 
 import ctypes
-import os
-import sys
 from typing import Any
-
-#: the environment variable DuckDB's jemalloc reads its options from
-DUCKDB_ALLOCATOR_VARIABLE = "DUCKDB_JE_MALLOC_CONF"
-#: freed pages go back to the system at once (the defaults: 10 s, counted only while
-#: DuckDB allocates)
-DUCKDB_ALLOCATOR_OPTIONS = "dirty_decay_ms:0,muzzy_decay_ms:0"
-#: what :func:`configure` set in this process (the daemon logs it when it starts recording)
-SETTINGS: dict[str, str] = {}
-
-
-def configure() -> dict[str, str]:
-    """Set DuckDB's allocator options, unless ``duckdb`` is loaded already (too late then:
-    nothing is set) or the environment has its own; returns what is in force."""
-    if "duckdb" not in sys.modules:
-        os.environ.setdefault(DUCKDB_ALLOCATOR_VARIABLE, DUCKDB_ALLOCATOR_OPTIONS)
-        SETTINGS["duckdb_allocator"] = os.environ[DUCKDB_ALLOCATOR_VARIABLE]
-    return SETTINGS
 
 
 def _glibc() -> Any:

@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import click
+import duckdb
 import orjson
 
-from recorder import allocators, logs
+from recorder import logs
 from recorder.errors import AllRefusedError, AuthError, ConfigError
 
 _HELP_CONFIG = "TOML config file; every key can be overridden by IME_RECORDER_<SECTION>__<KEY>."
@@ -25,7 +26,6 @@ def _fail(message: str, code: int = 2) -> None:
 @click.version_option(package_name="ime-recorder")
 def main() -> None:
     """Record the HedgeTech IME live feed into Parquet and query it with DuckDB."""
-    allocators.configure()  # before anything imports duckdb
 
 
 @main.command()
@@ -103,8 +103,6 @@ def simulate(**options: Any) -> None:
 @click.argument("sql")
 def query(data_dir: str, fmt: str, sql: str) -> None:
     """Run SQL against the views (best_limit, aggregate, allowed_price_range, ...)."""
-    import duckdb
-
     from recorder.catalog import connect
 
     if not Path(data_dir).is_dir():
@@ -337,8 +335,6 @@ def export(
 
     A naive instant is read in --timezone; only the partitions in range are read.
     """
-    import duckdb
-
     from recorder.export import Format, parse_bound
     from recorder.export import export as run_export
     from recorder.schema import TABLES

@@ -21,7 +21,6 @@ import aiohttp
 import pyarrow as pa
 import structlog
 
-from recorder import allocators
 from recorder.auth import TokenProvider, ssl_context
 from recorder.compaction import AutoCompaction
 from recorder.config import Config, Credentials
@@ -147,7 +146,6 @@ async def record(
                 contracts=len(subscriptions.contracts),
                 connections=len(subscriptions.connections),
                 data_dir=str(config.data_dir),
-                allocators=allocators.SETTINGS,
             )
             if on_start is not None:
                 started = on_start(recorder)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -135,6 +136,7 @@ class Pipeline:
         self._in_flight_min_seq: int | None = None  # taken by a decode or flush under way
         self._in_flight_rows = 0
         self._last_flush_seconds = 0.0
+        self._trimmed_at = -math.inf  # monotonic time of the last give_back (writer thread)
         self._last_frame_at = 0.0  # time.monotonic() of the latest frame
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet-writer")
         self.journal: Journal | None = None
@@ -624,7 +626,12 @@ class Pipeline:
             return self._write(batches, frames, parts)
         finally:
             del batches, frames, parts
-            allocators.give_back()  # the flush's freed heap blocks (recorder.allocators)
+            # the flushes' freed heap blocks go back (recorder.allocators), at most once a
+            # flush interval: under a burst, each trim's pages would be faulted in again
+            now = time.monotonic()
+            if now - self._trimmed_at >= self.storage.flush_interval_seconds:
+                self._trimmed_at = now
+                allocators.give_back()
 
     def _write(
         self, batches: list[Batch], frames: FrameBatch, parts: dict[str, list[pa.Table]]
