@@ -1,8 +1,9 @@
 """The daemon hands glibc's free heap blocks back to the system (recorder.allocators).
 
-Each case runs a fresh interpreter, so glibc's heap starts clean. The probe frees 150 blocks
+Each case runs a fresh interpreter, so glibc's heap starts clean. The probe frees 250 blocks
 of 1 MB left below a live one in the heap, then measures the RSS they leave behind (MB). The
-control does the same and nothing else: the probe sees the memory that is given back.
+control does the same and nothing else: the probe sees the memory that is given back. A
+flush keeps some memory of its own (DuckDB's and Arrow's, 10-25 MB), hence its bound.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ async def main():
     big = b"x" * (8 << 20)
     del big
     before = rss_mb()
-    blocks = [b"x" * (1 << 20) for _ in range(150)]
+    blocks = [b"x" * (1 << 20) for _ in range(250)]
     last = blocks[-1]
     del blocks
     if mode == "give_back":
@@ -75,7 +76,7 @@ def _kept_mb(tmp_path: Path, mode: str) -> int:
 
 
 def test_freed_heap_blocks_stay_in_the_rss_by_themselves(tmp_path: Path) -> None:
-    assert _kept_mb(tmp_path, "control") > 100
+    assert _kept_mb(tmp_path, "control") > 200
 
 
 def test_give_back_returns_glibcs_free_heap_blocks(tmp_path: Path) -> None:
@@ -83,4 +84,4 @@ def test_give_back_returns_glibcs_free_heap_blocks(tmp_path: Path) -> None:
 
 
 def test_a_flush_gives_glibcs_free_heap_blocks_back(tmp_path: Path) -> None:
-    assert _kept_mb(tmp_path, "flush") < 20
+    assert _kept_mb(tmp_path, "flush") < 60
