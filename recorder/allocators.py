@@ -5,9 +5,10 @@ msg/s offered, 100-230 MB of it sat free (Arrow allocates with it, see recorder.
 :func:`give_back` returns their pages (``malloc_trim``). The pipeline calls it after a flush,
 at most once a flush interval: at the feed's usual rates that is after every flush, while
 under a burst the trimmed pages are not faulted in again flush after flush. Measured with
-``bench/``: trimming after every flush lowered the median RSS at 100 k msg/s from ~480 to
-~420 MB but cost ~3 % of the throughput in paired runs; fixing glibc's mmap threshold at
-128 KB instead cost ~10 %. Once a flush interval costs nothing measurable.
+``bench/`` (with DuckDB's pages returned at once in both runs): trimming after every flush
+lowered the median RSS at 100 k msg/s from ~480 to ~420 MB but cost ~3 % of the throughput
+in paired runs; fixing glibc's mmap threshold at 128 KB instead cost ~10 %. Once a flush
+interval costs nothing measurable.
 
 DuckDB's own allocator (a jemalloc linked into its module) is left as it is: it purges
 freed pages only while DuckDB allocates, so an idle process kept 300-600 MB after one large
