@@ -440,16 +440,51 @@ def plain_frame(frame: bytes | str, naive_tz: tzinfo = UTC) -> tuple[str, int] |
     Such a frame's rows are exactly what :func:`flatten` would give, so they may be built by
     other means (recorder.columnar decodes batches of them in DuckDB). A plain frame with
     another book (a level "4", levels out of order) is flattened on its own, as it came.
+
+    The event loop calls this for every frame, so the decoded Struct is read by the literal
+    names of the documented shape (:data:`_PLAIN_SHAPE`, tied to ``schemas/tables.toml`` by
+    a test): 0.4 us a frame less than :func:`_plain`'s walk over the schema's positions.
     """
-    plain = _plain(frame, naive_tz, _BULK_DECODER)
-    if plain is None:
+    try:
+        decoded: Any = _BULK_DECODER.decode(frame)
+    except msgspec.DecodeError:
         return None
-    sections = plain[3]
-    for position in _BOOKS:
-        book = sections[position]
-        if book is not _UNSET and tuple(book) not in _BULK_BOOKS:
+    contract = decoded.contractId
+    if contract is _UNSET or decoded.ContractId is not _UNSET or decoded.contractName is not _UNSET:
+        ids = (contract, decoded.ContractId, decoded.contractName)
+        named = [value for value in ids if value is not _UNSET]
+        if len(named) != 1:
+            return None  # no identifier, or two: the full rules keep the second in extras
+        contract = named[0]
+    if not contract:
+        return None
+    data = decoded.data
+    book = data.BestLimit
+    if book is not _UNSET:
+        if tuple(book) not in _BULK_BOOKS:
             return None
-    return plain[1], plain[2]
+    elif data.Aggregate is data.AllowedPriceRange is data.ContractInfo is _UNSET:
+        return None  # no section: the pipeline keeps an extras row for it
+    aggregate = data.Aggregate
+    if aggregate is not _UNSET:  # dates and times: "" or a valid value
+        if (text := aggregate.date) and _parse_date(text) is None:
+            return None
+        if (text := aggregate.time) and _parse_time(text) is None:
+            return None
+    try:
+        return contract, parse_timestamp(decoded.timestamp, naive_tz)
+    except FlattenError:
+        return None
+
+
+#: the names :func:`plain_frame` reads: the first identifier key, the sections in the data
+#: Struct's order, the (section, field) of every date and time value, the sections with levels
+_PLAIN_SHAPE = (
+    "contractId",
+    ("BestLimit", "Aggregate", "AllowedPriceRange", "ContractInfo"),
+    (("Aggregate", "date"), ("Aggregate", "time")),
+    ("BestLimit",),
+)
 
 
 def flatten_fast(frame: bytes | str, naive_tz: tzinfo = UTC) -> Flattened | None:

@@ -15,11 +15,15 @@ from hypothesis import strategies as st
 
 from recorder.errors import FlattenError
 from recorder.flatten import (
+    _PLAIN_SHAPE,
+    BULK_LEVELS,
     ENVELOPE,
+    ID_KEYS,
     Flattened,
     flatten,
     flatten_fast,
     parse_timestamp,
+    plain_frame,
     to_message,
 )
 from recorder.schema import SECTION_TABLES, TABLES
@@ -831,12 +835,72 @@ def test_empty_best_limit_round_trips() -> None:
 
 
 def fast_agrees(frame: bytes | str, naive_tz: tzinfo = UTC) -> Flattened | None:
-    """flatten_fast's answer, checked against the full rules whenever it gives one."""
+    """flatten_fast's answer, checked against the full rules whenever it gives one; and
+    plain_frame's, which takes exactly the frames flatten_fast takes whose book holds the
+    documented levels in ascending order."""
     fast = flatten_fast(frame, naive_tz)
-    if fast is not None:
-        assert fast == flatten(frame, naive_tz)
-        assert list(map(type, fast)) == list(map(type, flatten(frame, naive_tz)))
+    plain = plain_frame(frame, naive_tz)
+    if fast is None:
+        assert plain is None
+        return None
+    assert fast == flatten(frame, naive_tz)
+    assert list(map(type, fast)) == list(map(type, flatten(frame, naive_tz)))
+    book = tuple(json.loads(frame)["data"].get("BestLimit", {}))
+    bulk = book == tuple(level for level in BULK_LEVELS if level in book)
+    assert plain == ((fast.contract, fast.exchange_us) if bulk else None)
     return fast
+
+
+def test_plain_frame_reads_the_names_of_the_schema() -> None:
+    """plain_frame reads the decoded frame by literal names: they are the schema's."""
+    sections = tuple(SECTION_TABLES)
+    text = tuple(
+        (section, c.field)
+        for section, table in SECTION_TABLES.items()
+        for c in TABLES[table].wire_columns
+        if c.kind in ("date", "time")
+    )
+    books = tuple(section for section, table in SECTION_TABLES.items() if TABLES[table].levels)
+    assert (ID_KEYS[0], sections, text, books) == _PLAIN_SHAPE
+
+
+@pytest.mark.parametrize(
+    ("frame", "expected"),
+    [
+        pytest.param(message(), ("1001", NOON_US), id="example"),
+        pytest.param(message(contractId=..., contractName="G"), ("G", NOON_US), id="name"),
+        pytest.param(message(contractId=..., ContractId="7"), ("7", NOON_US), id="ContractId"),
+        pytest.param(message(contractName="G"), None, id="two-identifiers"),
+        pytest.param(message(contractId=...), None, id="no-identifier"),
+        pytest.param(message(contractId=""), None, id="empty-identifier"),
+        pytest.param(message(data={}), None, id="no-sections"),
+        pytest.param(message(data=data(BestLimit=...)), ("1001", NOON_US), id="no-book"),
+        pytest.param(
+            message(data={"ContractInfo": EXAMPLE["data"]["ContractInfo"]}),
+            ("1001", NOON_US),
+            id="contract-info-only",
+        ),
+        pytest.param(message(data=data(BestLimit={"2": level(), "1": level()})), None, id="2-1"),
+        pytest.param(message(data=data(BestLimit={"4": level()})), None, id="level-4"),
+        pytest.param(
+            message(data=data(Aggregate={**EXAMPLE["data"]["Aggregate"], "date": "2026-13-01"})),
+            None,
+            id="bad-date",
+        ),
+        pytest.param(
+            message(data=data(Aggregate={**EXAMPLE["data"]["Aggregate"], "time": ""})),
+            ("1001", NOON_US),
+            id="empty-time",
+        ),
+        pytest.param(message(timestamp="2026-05-29T12:00:00"), ("1001", NOON_US), id="naive"),
+    ],
+)
+def test_plain_frame_gives_the_contract_and_time_of_a_plain_frame(
+    frame: dict[str, Any], expected: tuple[str, int] | None
+) -> None:
+    """The contract and exchange time of a frame the bulk decoder may take, else None."""
+    assert plain_frame(encode(frame)) == expected
+    assert fast_agrees(encode(frame)) is not None or expected is None
 
 
 @pytest.mark.parametrize(
