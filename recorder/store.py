@@ -42,8 +42,6 @@ from recorder.storefiles import (
     Contracts,
     StoreFiles,
     contract_list,
-    date_listing,
-    without,
 )
 from recorder.storesql import (
     SNAPSHOT,
@@ -132,7 +130,7 @@ class Store:
                 name: [
                     f
                     for d in self._files.dates(name)
-                    for f in date_listing(self._files.date_dir(name, d))[1]
+                    for f in self._files.date_listing(self._files.date_dir(name, d))[1]
                 ]
                 for name in DATA_TABLES
             }
@@ -145,7 +143,7 @@ class Store:
             found.update(row[0] for row in rows)
         for name in DATA_TABLES:
             for day in self._files.dates(name):
-                folders = date_listing(self._files.date_dir(name, day))[0]
+                folders = self._files.date_listing(self._files.date_dir(name, day))[0]
                 found.update(decode_contract(n[len(CONTRACT_PREFIX) :]) for n in folders)
         return sorted(found)
 
@@ -207,6 +205,7 @@ class Store:
                 if attempt == 2 or not recoverable(files, known):
                     raise
             files = None
+            self._files.forget()
         raise AssertionError("unreachable")
 
     def table(
@@ -290,16 +289,18 @@ class Store:
         chosen = contract_list(contracts)
         parts: list[pa.Table] = []
         found: set[str] = set()
-        for lookback in (*_ASOF_LOOKBACKS, None):
-            if chosen is not None and found.issuperset(chosen):
-                break
-            part = self._asof_step(at, chosen, found, lookback)
-            if part is None:
-                continue
-            if found:  # a layout that cannot leave a contract's files out returns it again
-                part = part.filter(pc.invert(pc.is_in(part["contract"], pa.array(sorted(found)))))
-            parts.append(part)
-            found.update(part["contract"].to_pylist())
+        with self._files.listed_once():  # the later steps pick from the first's listing
+            for lookback in (*_ASOF_LOOKBACKS, None):
+                if chosen is not None and found.issuperset(chosen):
+                    break
+                part = self._asof_step(at, chosen, found, lookback)
+                if part is None:
+                    continue
+                if found:  # a layout that cannot leave a contract's files out returns it again
+                    kept = pc.invert(pc.is_in(part["contract"], pa.array(sorted(found))))
+                    part = part.filter(kept)
+                parts.append(part)
+                found.update(part["contract"].to_pylist())
         if len(parts) == 1:
             return parts[0]
         if parts:
@@ -316,8 +317,8 @@ class Store:
         def request() -> Files:
             if lookback is None:
                 return {n: self._files.asof_files(n, wanted, at, found) for n in DATA_TABLES}
-            listed = self._request(DATA_TABLES, wanted, at - lookback, at + ONE_US)
-            return {n: without(files, found) for n, files in listed.items()}
+            start, end = at - lookback, at + ONE_US
+            return {n: self._files.files(n, wanted, start, end, skip=found) for n in DATA_TABLES}
 
         files = request()
         if not any(files.values()):

@@ -3,13 +3,16 @@
 Per date folder of the dates a time range can fall on (see :mod:`recorder.paths`): the
 contract files of the contracts asked for, then the date's day files (whose rows a request
 reads under a filter on ``contract``). A date folder is listed before its contract folders,
-and every request lists again, so a file written meanwhile is read by the next request.
+and every request lists again, so a file written meanwhile is read by the next request (the
+steps of one request share a listing: :meth:`StoreFiles.listed_once`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from datetime import date, datetime, timedelta, tzinfo
 from pathlib import Path
 
@@ -34,26 +37,6 @@ def contract_list(contracts: Contracts) -> list[str] | None:
     return [contracts] if isinstance(contracts, str) else list(dict.fromkeys(contracts))
 
 
-def _visible(folder: Path) -> list[Path]:
-    """The Parquet files of one partition folder that readers may see (no temporary files)."""
-    try:
-        names = os.listdir(folder)
-    except FileNotFoundError:
-        return []
-    return [folder / n for n in sorted(names) if _is_parquet(n)]
-
-
-def date_listing(folder: Path) -> tuple[set[str], list[Path]]:
-    """One date folder of a table partitioned by contract: the names of its contract folders
-    and its day files (no temporary files), from one listing."""
-    try:
-        names = os.listdir(folder)
-    except FileNotFoundError:
-        return set(), []
-    folders = {n for n in names if n.startswith(CONTRACT_PREFIX)}
-    return folders, [folder / n for n in sorted(names) if _is_parquet(n)]
-
-
 def _is_parquet(name: str) -> bool:
     return name.endswith(".parquet") and not name.startswith(".")
 
@@ -71,21 +54,57 @@ def _day(name: str) -> date | None:
         return None
 
 
-def without(files: list[Path], contracts: set[str]) -> list[Path]:
-    """``files`` minus those in a partition folder of one of ``contracts`` (day files stay:
-    their rows are left out by :func:`~recorder.storesql.day_filter`)."""
-    if not contracts:
-        return files
-    folders = {folder_name(c) for c in contracts}
-    return [f for f in files if f.parent.name not in folders]
-
-
 class StoreFiles:
     """Which files of a data directory a request reads (see the module docstring)."""
 
     def __init__(self, data_dir: Path, partition_timezone: tzinfo | None) -> None:
         self.data_dir = data_dir
         self.partition_timezone = partition_timezone
+        self._memo = threading.local()  # per thread: the listings of a listed_once() block
+
+    @contextmanager
+    def listed_once(self) -> Iterator[None]:
+        """Within the block (in this thread) a folder is listed once: the steps of a request
+        that reads in several steps (:meth:`recorder.store.Store.asof`) share one listing.
+        :meth:`forget` drops it (a listed file was removed: list again)."""
+        if getattr(self._memo, "folders", None) is not None:
+            yield  # an enclosing block keeps the listings
+            return
+        self._memo.folders = {}
+        try:
+            yield
+        finally:
+            self._memo.folders = None
+
+    def forget(self) -> None:
+        """Drop the listings a :meth:`listed_once` block holds: the next request lists again."""
+        if getattr(self._memo, "folders", None) is not None:
+            self._memo.folders = {}
+
+    def _names(self, folder: Path) -> list[str]:
+        """The sorted names in ``folder`` (none if it does not exist)."""
+        memo: dict[Path, list[str]] | None = getattr(self._memo, "folders", None)
+        if memo is not None and folder in memo:
+            return memo[folder]
+        try:
+            names = sorted(os.listdir(folder))
+        except FileNotFoundError:
+            names = []
+        if memo is not None:
+            memo[folder] = names
+        return names
+
+    def visible(self, folder: Path) -> list[Path]:
+        """The Parquet files of one partition folder that readers may see (no temporary
+        files)."""
+        return [folder / n for n in self._names(folder) if _is_parquet(n)]
+
+    def date_listing(self, folder: Path) -> tuple[set[str], list[Path]]:
+        """One date folder of a table partitioned by contract: the names of its contract
+        folders and its day files (no temporary files), from one listing."""
+        names = self._names(folder)
+        folders = {n for n in names if n.startswith(CONTRACT_PREFIX)}
+        return folders, [folder / n for n in names if _is_parquet(n)]
 
     def dates(self, table: str) -> list[date]:
         try:
@@ -119,12 +138,19 @@ class StoreFiles:
         return [d for d in self.dates(table) if low <= d <= high]
 
     def files(
-        self, table: str, chosen: list[str] | None, start: TimeLike | None, end: TimeLike | None
+        self,
+        table: str,
+        chosen: list[str] | None,
+        start: TimeLike | None,
+        end: TimeLike | None,
+        skip: Iterable[str] = (),
     ) -> list[Path]:
-        """:meth:`recorder.store.Store.files`, for the contracts ``chosen`` (all: None)."""
+        """:meth:`recorder.store.Store.files`, for the contracts ``chosen`` (all: None) but
+        not those in ``skip``, whose folders are not read (day files are: the caller leaves
+        out their rows, see :func:`~recorder.storesql.day_filter`)."""
         spec = TABLES[table]
         if table in WHOLE:
-            return [f for d in self.dates(table) for f in _visible(self.date_dir(table, d))]
+            return [f for d in self.dates(table) for f in self.visible(self.date_dir(table, d))]
         low, high = self.date_bounds(
             None if start is None else to_utc(start), None if end is None else to_utc(end)
         )
@@ -132,18 +158,20 @@ class StoreFiles:
         for day in self.days(table, low, high):
             folder = self.date_dir(table, day)
             if not spec.by_contract:
-                out.extend(_visible(folder))
+                out.extend(self.visible(folder))
                 continue
             # the date folder is listed before its contract folders: a compaction folding
             # day files into contract files in between leaves listed day files gone (the
             # request lists again), not rows unread
-            folders, day_files = date_listing(folder)
+            folders, day_files = self.date_listing(folder)
             if chosen is None:
-                names = sorted(folders)
+                names = sorted(folders.difference(map(folder_name, skip)))
             else:
-                names = [n for n in map(folder_name, chosen) if n in folders]
+                skipped = set(skip)
+                names = [folder_name(c) for c in chosen if c not in skipped]
+                names = [n for n in names if n in folders]
             for name in names:
-                out.extend(_visible(folder / name))
+                out.extend(self.visible(folder / name))
             out.extend(day_files)
         return out
 
@@ -168,7 +196,7 @@ class StoreFiles:
 
         def listing(day: date) -> tuple[set[str], list[Path]]:
             if day not in listed:
-                listed[day] = date_listing(self.date_dir(table, day))
+                listed[day] = self.date_listing(self.date_dir(table, day))
             return listed[day]
 
         if contracts is None:
@@ -186,7 +214,7 @@ class StoreFiles:
             for day in reversed(days):
                 read.add(day)
                 folders = listing(day)[0]
-                files = _visible(self.date_dir(table, day) / name) if name in folders else []
+                files = self.visible(self.date_dir(table, day) / name) if name in folders else []
                 out.extend(files)
                 if day < low and files:
                     break

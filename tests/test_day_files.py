@@ -517,6 +517,34 @@ def test_a_day_file_folded_away_after_it_was_listed_is_listed_again(tmp_path: Pa
     assert seqs == [m.seq for m in MESSAGES if m.day == DAY2 and "aggregate" in m.rows]
 
 
+def test_asof_lists_again_when_a_day_file_it_listed_was_folded_away(tmp_path: Path) -> None:
+    """The steps of an as-of request share one listing; compaction may fold day files away
+    after it: the read fails, the listing is dropped, and the answer is the same."""
+    data_dir = tmp_path / "data"
+    write_store(data_dir, "day")
+    store = Store(data_dir, "Asia/Tehran")
+    at = _at("2026-05-31T05:20")  # within DAY2's messages: the look-back steps answer
+    expected = store.asof(at).to_pylist()
+    assert [r["contract"] for r in expected] == ["012345", "A", "B", "ش/1 x"]
+    with store._files.listed_once():  # as-of's own block joins this one: the listing is kept
+        assert store.asof(at).to_pylist() == expected
+        folded = sorted(data_dir.glob("*/date=2026-05-31/*.parquet"))
+        for table in BY_CONTRACT:
+            for contract in CONTRACTS:
+                rows = [
+                    r
+                    for m in MESSAGES
+                    if m.contract == contract and m.day == DAY2
+                    for r in m.rows.get(table, [])
+                ]
+                if rows:
+                    _contract_file(data_dir, table, DAY2, contract, rows)
+        for f in folded:
+            f.unlink()
+        assert len(folded) > 3
+        assert store.asof(at).to_pylist() == expected
+
+
 def test_exports_hold_the_same_rows_in_every_layout(
     stores: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -321,6 +321,36 @@ def test_store_reuses_its_database_and_sees_files_written_after_it_opened(
     assert store.table("aggregate", "B").num_rows == 2  # opens a database again
 
 
+def test_a_request_in_several_steps_lists_each_folder_once(tmp_path: Path) -> None:
+    """Within listed_once() a file written meanwhile is not listed (the steps of one
+    request read one listing); after the block, or once forgotten, it is; ``skip`` leaves a
+    contract's folder unread."""
+    write_fixture(tmp_path)
+    files = Store(tmp_path, partition_timezone="Asia/Tehran")._files
+    day = ("2026-05-30T00:00+03:30", "2026-05-31T00:00+03:30")
+    before = files.files("aggregate", None, *day)
+    assert [f.parent.name for f in before] == ["contract=A", "contract=B"]
+    writer = ParquetWriter(tmp_path, fsync=False)
+    row = aggregate(9, at(6, 4, 0), DAY, 6, 30, 3000, 97, 102, 97, 99)
+    with files.listed_once():
+        assert files.files("aggregate", None, *day) == before
+        writer.write(Batch(("aggregate", "2026-05-30", "A"), [row]))
+        with files.listed_once():  # an inner block keeps the outer one's listings
+            assert files.files("aggregate", None, *day) == before
+        assert files.files("aggregate", None, *day) == before
+        files.forget()
+        after = files.files("aggregate", None, *day)
+        assert len(after) == 3
+        writer.write(Batch(("aggregate", "2026-05-30", "B"), [row]))
+        assert files.files("aggregate", None, *day) == after
+    assert len(files.files("aggregate", None, *day)) == 4
+    assert [f.parent.name for f in files.files("aggregate", None, *day, skip={"A"})] == [
+        "contract=B",
+        "contract=B",
+    ]
+    assert files.files("aggregate", ["A", "B"], *day, skip=["B"]) == after[:2]
+
+
 def test_requests_in_threads_at_the_same_time_each_read_their_own_files(store: Store) -> None:
     """Each call has its own connection and views: calls for different contracts from eight
     threads at once give what they give one after the other."""
