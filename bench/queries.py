@@ -43,7 +43,7 @@ class FlatStore(Store):
     _wanted: list[str] | None = None
 
     def files(
-        self, table: str, contracts: Any = None, start: Any = None, end: Any = None
+        self, table: str, contracts: Any = None, start: Any = None, end: Any = None, **_: Any
     ) -> list[Path]:
         if contracts is not None:
             self._wanted = [contracts] if isinstance(contracts, str) else list(contracts)

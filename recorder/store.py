@@ -108,10 +108,13 @@ class Store:
         contracts: Contracts = None,
         start: TimeLike | None = None,
         end: TimeLike | None = None,
+        *,
+        skip: Iterable[str] = (),
     ) -> list[Path]:
         """The files of ``table`` that a request for ``contracts`` in ``[start, end)`` reads:
-        per date, the contract files of ``contracts`` (all: None), then the day files."""
-        return self._files.files(table, contract_list(contracts), start, end)
+        per date, the contract files of ``contracts`` (all: None) but not of those in
+        ``skip``, then the day files (which hold every contract of their date)."""
+        return self._files.files(table, contract_list(contracts), start, end, skip)
 
     def _request(
         self,
@@ -318,7 +321,7 @@ class Store:
             if lookback is None:
                 return {n: self._files.asof_files(n, wanted, at, found) for n in DATA_TABLES}
             start, end = at - lookback, at + ONE_US
-            return {n: self._files.files(n, wanted, start, end, skip=found) for n in DATA_TABLES}
+            return {n: self.files(n, wanted, start, end, skip=found) for n in DATA_TABLES}
 
         files = request()
         if not any(files.values()):
