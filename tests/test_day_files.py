@@ -485,6 +485,19 @@ def test_a_day_file_without_a_newer_column_reads_it_as_null(
     assert found.fetchall() == [("A",), ("B",)]
 
 
+def _compact_day2(data_dir: Path, table: str) -> None:
+    """DAY2's rows of ``table`` as contract files, as compaction folds its day files."""
+    for contract in CONTRACTS:
+        rows = [
+            r
+            for m in MESSAGES
+            if m.contract == contract and m.day == DAY2
+            for r in m.rows.get(table, [])
+        ]
+        if rows:
+            _contract_file(data_dir, table, DAY2, contract, rows)
+
+
 def test_a_day_file_folded_away_after_it_was_listed_is_listed_again(tmp_path: Path) -> None:
     """Compaction folds day files into contract files, maybe between a request's listing and
     its read: the request lists again and reads every row once."""
@@ -496,15 +509,7 @@ def test_a_day_file_folded_away_after_it_was_listed_is_listed_again(tmp_path: Pa
         def files(self, table: str, *args: Any, **kwargs: Any) -> list[Path]:
             found = super().files(table, *args, **kwargs)
             if table == "aggregate" and not folded:
-                for contract in CONTRACTS:
-                    rows = [
-                        r
-                        for m in MESSAGES
-                        if m.contract == contract and m.day == DAY2
-                        for r in m.rows.get(table, [])
-                    ]
-                    if rows:
-                        _contract_file(data_dir, table, DAY2, contract, rows)
+                _compact_day2(data_dir, table)
                 folded.extend(f for f in found if is_day_file(f))
                 for f in folded:
                     f.unlink()
@@ -530,15 +535,7 @@ def test_asof_lists_again_when_a_day_file_it_listed_was_folded_away(tmp_path: Pa
         assert store.asof(at).to_pylist() == expected
         folded = sorted(data_dir.glob("*/date=2026-05-31/*.parquet"))
         for table in BY_CONTRACT:
-            for contract in CONTRACTS:
-                rows = [
-                    r
-                    for m in MESSAGES
-                    if m.contract == contract and m.day == DAY2
-                    for r in m.rows.get(table, [])
-                ]
-                if rows:
-                    _contract_file(data_dir, table, DAY2, contract, rows)
+            _compact_day2(data_dir, table)
         for f in folded:
             f.unlink()
         assert len(folded) > 3
