@@ -47,7 +47,7 @@ STEPS = (
     ("fsync", re.compile(r"fsync|fdatasync")),
     ("parquet write", re.compile(r"write_table|ParquetWriter\.(__init__|close|write)|pyarrow/")),
     ("arrow build (to_arrow)", re.compile(r"to_arrow")),
-    ("flatten (orjson + checks)", re.compile(r"recorder/flatten\.py")),
+    ("flatten (orjson + checks)", re.compile(r"recorder/(flatten|plain)\.py")),
     ("buffer + partition keys", re.compile(r"recorder/buffer\.py|Pipeline\._(ingest|add)")),
     ("journal", re.compile(r"recorder/journal\.py")),
     ("websocket receive", re.compile(r"aiohttp/|asyncio/selector_events")),

@@ -1,6 +1,6 @@
 """Plain frames in bulk: DuckDB turns a batch of them into Arrow tables, off the event loop.
 
-On the event loop a plain frame (:func:`recorder.flatten.plain_frame`: checked in C by
+On the event loop a plain frame (:func:`recorder.plain.plain_frame`: checked in C by
 msgspec, so its rows are exactly what :func:`~recorder.flatten.flatten` would give) costs a
 few list appends in a :class:`FrameBatch`. In the writer thread, :class:`Decoder` hands the
 batch to DuckDB, which parses the JSON and builds every table's columns in C++ without the
@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from recorder.buffer import Batch
-from recorder.flatten import BULK_LEVELS
+from recorder.plain import BULK_LEVELS
 from recorder.schema import SECTION_TABLES, TABLES, Table
 from recorder.writer import CONTRACT, DATE, Part, to_arrow
 

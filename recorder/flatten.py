@@ -3,7 +3,8 @@
 No I/O, no clock, no logging. :func:`flatten` either returns a :class:`Flattened` or raises
 :class:`~recorder.errors.FlattenError` whose ``reason`` names the field at fault; the caller
 puts such frames in quarantine. Sections and fields the schema does not know are returned as
-``extras`` (JSON text) so nothing received is thrown away.
+``extras`` (JSON text) so nothing received is thrown away. The frames the feed sends all day
+take a faster way to the same rows (:mod:`recorder.plain`).
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from functools import lru_cache
 from operator import contains
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
-import msgspec
 import orjson
 
 from recorder.errors import FlattenError
@@ -29,7 +29,7 @@ CHANNEL = "IME Stream"
 ENVELOPE = None
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_US = timedelta(microseconds=1)
-_INT64 = 2**63
+INT64_BOUND = 2**63
 # exchange timestamps outside [1970, 9000) are refused: nothing real is there, and every
 # later step (local dates, formatting) stays far from the datetime range limits
 _MIN_US = 0
@@ -54,11 +54,11 @@ class Flattened(NamedTuple):
 def _int(value: Any, path: str) -> int | None:
     kind = type(value)
     if kind is int:
-        if -_INT64 <= value < _INT64:
+        if -INT64_BOUND <= value < INT64_BOUND:
             return int(value)
     elif kind is float:
         # strict at both ends: a float of magnitude 2**63 may be a rounded larger integer
-        if value.is_integer() and -_INT64 < value < _INT64:
+        if value.is_integer() and -INT64_BOUND < value < INT64_BOUND:
             return int(value)
         raise FlattenError(f"{path}: {value!r} is not an integer")
     elif value is None:
@@ -76,7 +76,7 @@ def _float(value: Any, path: str) -> float | None:
 
 
 @lru_cache(maxsize=4096)
-def _parse_date(value: str) -> date | None:
+def parse_date(value: str) -> date | None:
     """A YYYY-MM-DD text as a date (None when it is not one); memoised: dates repeat."""
     if _DATE.fullmatch(value):
         try:
@@ -87,7 +87,7 @@ def _parse_date(value: str) -> date | None:
 
 
 @lru_cache(maxsize=8192)
-def _parse_time(value: str) -> time | None:
+def parse_time(value: str) -> time | None:
     """An HH:MM:SS[.ffffff] text as a time (None when it is not one); memoised."""
     if _TIME.fullmatch(value):
         try:
@@ -100,7 +100,7 @@ def _parse_time(value: str) -> time | None:
 def _date(value: Any, path: str) -> date | None:
     if value is None or value == "":
         return None
-    if type(value) is str and (parsed := _parse_date(value)) is not None:
+    if type(value) is str and (parsed := parse_date(value)) is not None:
         return parsed
     raise FlattenError(f"{path}: {_show(value)} is not a YYYY-MM-DD date")
 
@@ -108,12 +108,12 @@ def _date(value: Any, path: str) -> date | None:
 def _time(value: Any, path: str) -> time | None:
     if value is None or value == "":
         return None
-    if type(value) is str and (parsed := _parse_time(value)) is not None:
+    if type(value) is str and (parsed := parse_time(value)) is not None:
         return parsed
     raise FlattenError(f"{path}: {_show(value)} is not an HH:MM:SS time")
 
 
-_CONVERT: dict[str | None, Callable[[Any, str], Any]] = {
+CONVERTERS: dict[str | None, Callable[[Any, str], Any]] = {
     "int": _int,
     "float": _float,
     "date": _date,
@@ -151,7 +151,7 @@ def _section_plan(table: str) -> _Plan:
     return _Plan(
         table=table,
         fields=tuple(c.field for c in columns if c.field is not None),
-        converters=tuple(_CONVERT[k] for k in kinds),
+        converters=tuple(CONVERTERS[k] for k in kinds),
         plain=tuple(_PLAIN_TYPES[k] or frozenset((str,)) for k in kinds if k is not None),
         ints=tuple(i for i, k in enumerate(kinds) if k == "int"),
         floats=tuple(i for i, k in enumerate(kinds) if k == "float"),
@@ -219,7 +219,7 @@ def _row(section: dict[str, Any], plan: _Plan, path: str) -> tuple[Row, dict[str
     values: list[Any] = list(map(section.get, plan.fields))
     ints = [values[i] for i in plan.ints]
     if all(map(contains, plan.plain, map(type, values))) and (
-        not ints or (max(ints) < _INT64 and min(ints) >= -_INT64)
+        not ints or (max(ints) < INT64_BOUND and min(ints) >= -INT64_BOUND)
     ):
         for i in plan.floats:
             values[i] = float(values[i])
@@ -307,213 +307,6 @@ def _levels(section: dict[str, Any], plan: _Plan, extras: list[Extra]) -> list[R
         if unknown:
             extras.append(("BestLimit", key, _dumps(unknown)))
     return rows
-
-
-# --------------------------------------------------------------------------- the fast path
-#
-# Nearly every frame is a plain update: one identifier, known sections, plain values. msgspec
-# decodes and checks such a frame in C against Structs built from the schema; whatever it
-# refuses (an unknown key, a wrong type, an integral float in an integer column, an empty
-# book, two identifier keys, ...) goes through :func:`flatten`, which alone decides what is
-# kept, put in extras or quarantined. So the fast path never changes a result, only its cost
-# (tests/test_flatten.py checks the two paths agree on generated frames).
-
-_FINITE = 1.7976931348623157e308
-_WIRE_TYPES: dict[str | None, Any] = {
-    "int": Annotated[int, msgspec.Meta(ge=-_INT64, le=_INT64 - 1)],
-    "float": Annotated[float, msgspec.Meta(ge=-_FINITE, le=_FINITE)],
-    "date": str,
-    "time": str,
-}
-_LEVEL_KEY = Annotated[str, msgspec.Meta(pattern=r"^[1-9][0-9]{0,8}\Z")]
-
-
-def _section_struct(table: str) -> type[msgspec.Struct]:
-    fields = [
-        (c.field, _WIRE_TYPES[c.kind] | None, None)
-        for c in TABLES[table].wire_columns
-        if c.field is not None
-    ]
-    return msgspec.defstruct(f"_{table}", fields, forbid_unknown_fields=True, gc=False)
-
-
-def _frame_struct(level_key: Any) -> type[msgspec.Struct]:
-    sections: list[tuple[str, Any, Any]] = []
-    for section, table in SECTION_TABLES.items():
-        struct: Any = _section_struct(table)
-        if TABLES[table].levels:
-            struct = Annotated[dict[level_key, struct], msgspec.Meta(min_length=1)]
-        sections.append((section, struct | msgspec.UnsetType, msgspec.UNSET))
-    data = msgspec.defstruct("_data", sections, forbid_unknown_fields=True, gc=False)
-    optional_id = str | msgspec.UnsetType
-    return msgspec.defstruct(
-        "_frame",
-        [
-            ("timestamp", str),
-            ("data", data),
-            ("channel", Literal["IME Stream"] | msgspec.UnsetType, msgspec.UNSET),
-            *((key, optional_id, msgspec.UNSET) for key in ID_KEYS),
-        ],
-        forbid_unknown_fields=True,
-        gc=False,
-    )
-
-
-#: the order book levels of a frame decoded in bulk: the documented ones, "1" to "3" (DuckDB
-#: reads them as a STRUCT, which is twice as fast as a MAP of any level key)
-BULK_LEVELS = ("1", "2", "3")
-_FAST_DECODER = msgspec.json.Decoder(_frame_struct(_LEVEL_KEY))
-#: the fast path's checks with a book of BULK_LEVELS only: a Literal key costs msgspec a
-#: lookup where the pattern of any level key costs a regular expression call (2 us a frame)
-_BULK_DECODER = msgspec.json.Decoder(_frame_struct(Literal[BULK_LEVELS]))
-#: (position of the section in the data Struct, field, parser) of every date and time field
-_TEXT_CHECKS = tuple(
-    (position, c.field, _parse_date if c.kind == "date" else _parse_time)
-    for position, table in enumerate(SECTION_TABLES.values())
-    for c in TABLES[table].wire_columns
-    if c.field is not None and c.kind in ("date", "time")
-)
-_astuple = msgspec.structs.astuple
-#: per section, in the order of the data Struct's fields: (section, table, has levels,
-#: positions of date/time values to convert)
-_FAST_SECTIONS = tuple(
-    (
-        section,
-        table,
-        TABLES[table].levels,
-        tuple(
-            (i, _CONVERT[c.kind])
-            for i, c in enumerate(c for c in TABLES[table].wire_columns if c.field is not None)
-            if c.kind in ("date", "time")
-        ),
-    )
-    for section, table in SECTION_TABLES.items()
-)
-
-
-def _plain(
-    frame: bytes | str, naive_tz: tzinfo, decoder: msgspec.json.Decoder[Any] = _FAST_DECODER
-) -> tuple[str, str, int, tuple[Any, ...]] | None:
-    """(id key, contract, exchange_us, sections) of a plain frame, every value checked."""
-    try:
-        timestamp, data, _, *ids = _astuple(decoder.decode(frame))
-    except msgspec.DecodeError:
-        return None
-    if ids[0] is not _UNSET and ids[1] is _UNSET and ids[2] is _UNSET:
-        index = 0  # contractId alone: nearly every frame
-    elif ids.count(_UNSET) != len(ids) - 1:
-        return None  # no identifier, or two: the full rules keep the second in extras
-    else:
-        index = next(i for i, value in enumerate(ids) if value is not _UNSET)
-    contract = ids[index]
-    if not contract:
-        return None
-    sections = _astuple(data)
-    if sections.count(_UNSET) == len(sections):
-        return None  # no section: the pipeline keeps an extras row for it
-    for position, field, parse in _TEXT_CHECKS:  # dates and times: "" or a valid value
-        section = sections[position]
-        if section is not _UNSET:
-            text = getattr(section, field)
-            if text and parse(text) is None:
-                return None
-    try:
-        exchange_us = parse_timestamp(timestamp, naive_tz)
-    except FlattenError:
-        return None
-    return ID_KEYS[index], contract, exchange_us, sections
-
-
-#: the level keys of a book, in wire order, that the bulk decoder gives the same rows for:
-#: documented levels in ascending order (a STRUCT keeps no order and drops other keys)
-_BULK_BOOKS = frozenset(
-    tuple(level for bit, level in enumerate(BULK_LEVELS) if mask >> bit & 1)
-    for mask in range(1, 1 << len(BULK_LEVELS))
-)
-_BOOKS = tuple(i for i, table in enumerate(SECTION_TABLES.values()) if TABLES[table].levels)
-
-
-def plain_frame(frame: bytes | str, naive_tz: tzinfo = UTC) -> tuple[str, int] | None:
-    """(contract, exchange_us) when ``frame`` is plain (see the fast path above) and its
-    book holds only :data:`BULK_LEVELS`, in ascending order; else None.
-
-    Such a frame's rows are exactly what :func:`flatten` would give, so they may be built by
-    other means (recorder.columnar decodes batches of them in DuckDB). A plain frame with
-    another book (a level "4", levels out of order) is flattened on its own, as it came.
-
-    The event loop calls this for every frame, so the decoded Struct is read by the literal
-    names of the documented shape (:data:`_PLAIN_SHAPE`, tied to ``schemas/tables.toml`` by
-    a test): 0.4 us a frame less than :func:`_plain`'s walk over the schema's positions.
-    """
-    try:
-        decoded: Any = _BULK_DECODER.decode(frame)
-    except msgspec.DecodeError:
-        return None
-    contract = decoded.contractId
-    if contract is _UNSET or decoded.ContractId is not _UNSET or decoded.contractName is not _UNSET:
-        ids = (contract, decoded.ContractId, decoded.contractName)
-        named = [value for value in ids if value is not _UNSET]
-        if len(named) != 1:
-            return None  # no identifier, or two: the full rules keep the second in extras
-        contract = named[0]
-    if not contract:
-        return None
-    data = decoded.data
-    book = data.BestLimit
-    if book is not _UNSET:
-        if tuple(book) not in _BULK_BOOKS:
-            return None
-    elif data.Aggregate is data.AllowedPriceRange is data.ContractInfo is _UNSET:
-        return None  # no section: the pipeline keeps an extras row for it
-    aggregate = data.Aggregate
-    if aggregate is not _UNSET:  # dates and times: "" or a valid value
-        if (text := aggregate.date) and _parse_date(text) is None:
-            return None
-        if (text := aggregate.time) and _parse_time(text) is None:
-            return None
-    try:
-        return contract, parse_timestamp(decoded.timestamp, naive_tz)
-    except FlattenError:
-        return None
-
-
-#: the names :func:`plain_frame` reads: the first identifier key, the sections in the data
-#: Struct's order, the (section, field) of every date and time value, the sections with levels
-_PLAIN_SHAPE = (
-    "contractId",
-    ("BestLimit", "Aggregate", "AllowedPriceRange", "ContractInfo"),
-    (("Aggregate", "date"), ("Aggregate", "time")),
-    ("BestLimit",),
-)
-
-
-def flatten_fast(frame: bytes | str, naive_tz: tzinfo = UTC) -> Flattened | None:
-    """:func:`flatten` for a plain frame, several times faster; None: use :func:`flatten`.
-
-    A book of the documented levels is checked with their literal keys first (a lookup
-    where the pattern any level key must match costs a regular expression call per key).
-    """
-    plain = _plain(frame, naive_tz, _BULK_DECODER) or _plain(frame, naive_tz)
-    if plain is None:
-        return None
-    id_key, contract, exchange_us, sections = plain
-    rows: dict[str, list[Row]] = {}
-    for (_, table, levels, convert), value in zip(_FAST_SECTIONS, sections, strict=True):
-        if value is _UNSET:
-            continue
-        if levels:
-            rows[table] = [(int(key), *_astuple(level)) for key, level in value.items()]
-        elif convert:
-            row = list(_astuple(value))
-            for i, converter in convert:
-                row[i] = converter(row[i], table)
-            rows[table] = [tuple(row)]
-        else:
-            rows[table] = [_astuple(value)]
-    return Flattened(contract, id_key, exchange_us, rows, [])
-
-
-_UNSET = msgspec.UNSET
 
 
 # --------------------------------------------------------------------------- the way back

@@ -34,9 +34,10 @@ from recorder.buffer import Batch, Buffer, Key, Row
 from recorder.columnar import Decoder, FrameBatch, batches_to_parts, partitions
 from recorder.config import JournalConfig, StorageConfig
 from recorder.errors import FlattenError, StorageError
-from recorder.flatten import ENVELOPE, Extra, flatten, flatten_fast, plain_frame
+from recorder.flatten import ENVELOPE, Extra, flatten
 from recorder.journal import Journal
 from recorder.paths import partition_date
+from recorder.plain import flatten_fast, plain_frame
 from recorder.records import EVENT, FRAME, SNAPSHOT
 from recorder.reference import reference_row
 from recorder.schema import TABLES

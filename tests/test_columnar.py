@@ -26,8 +26,8 @@ from recorder.columnar import (
     parts_schema,
 )
 from recorder.config import StorageConfig
-from recorder.flatten import plain_frame
 from recorder.pipeline import DECODE_CHUNK_FRAMES, DECODE_FRAMES, ROWS_PER_FRAME, Pipeline
+from recorder.plain import plain_frame
 from recorder.schema import TABLES
 from recorder.simdata import FeedVariants, Market, Subscription, make_contracts
 from tests.conftest import make_config, record_until

@@ -14,18 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from recorder.errors import FlattenError
-from recorder.flatten import (
-    _PLAIN_SHAPE,
-    BULK_LEVELS,
-    ENVELOPE,
-    ID_KEYS,
-    Flattened,
-    flatten,
-    flatten_fast,
-    parse_timestamp,
-    plain_frame,
-    to_message,
-)
+from recorder.flatten import ENVELOPE, ID_KEYS, Flattened, flatten, parse_timestamp, to_message
+from recorder.plain import _PLAIN_SHAPE, BULK_LEVELS, flatten_fast, plain_frame
 from recorder.schema import SECTION_TABLES, TABLES
 
 TEHRAN = ZoneInfo("Asia/Tehran")
