@@ -143,7 +143,6 @@ _BULK_BOOKS = frozenset(
     tuple(level for bit, level in enumerate(BULK_LEVELS) if mask >> bit & 1)
     for mask in range(1, 1 << len(BULK_LEVELS))
 )
-_BOOKS = tuple(i for i, table in enumerate(SECTION_TABLES.values()) if TABLES[table].levels)
 
 
 def plain_frame(frame: bytes | str, naive_tz: tzinfo = UTC) -> tuple[str, int] | None:

@@ -76,12 +76,15 @@ def _kept_mb(tmp_path: Path, mode: str) -> int:
 
 
 def test_freed_heap_blocks_stay_in_the_rss_by_themselves(tmp_path: Path) -> None:
+    """Without a trim, glibc keeps the 250 MB of freed blocks in the RSS."""
     assert _kept_mb(tmp_path, "control") > 200
 
 
 def test_give_back_returns_glibcs_free_heap_blocks(tmp_path: Path) -> None:
+    """give_back() returns the freed blocks' pages to the system."""
     assert _kept_mb(tmp_path, "give_back") < 20
 
 
 def test_a_flush_gives_glibcs_free_heap_blocks_back(tmp_path: Path) -> None:
+    """A flush, a flush interval after the last trim, returns them too."""
     assert _kept_mb(tmp_path, "flush") < 60
