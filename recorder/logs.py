@@ -9,7 +9,9 @@ processors, so a container's log holds nothing but JSON lines.
 from __future__ import annotations
 
 import logging
+import math
 import sys
+import time
 from collections.abc import Iterable, MutableMapping
 from typing import Any
 
@@ -87,3 +89,24 @@ def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> Non
     setattr(handler, _OURS, True)
     root.addHandler(handler)
     root.setLevel(numeric_level)
+
+
+class Muted:
+    """Warnings of each kind at most once a minute: a flood of one failure helps nobody.
+
+    Called from the event loop and the worker threads alike (structlog's logger is
+    thread-safe; a warning said twice in a race is harmless).
+    """
+
+    PERIOD = 60.0
+
+    def __init__(self, logger: Any) -> None:
+        self._log = logger
+        self._last: dict[str, float] = {}
+
+    def warning(self, kind: str, event: str, **fields: Any) -> None:
+        """Log ``event`` unless a warning of ``kind`` was logged less than a minute ago."""
+        now = time.monotonic()
+        if now - self._last.get(kind, -math.inf) >= self.PERIOD:
+            self._last[kind] = now
+            self._log.warning(event, **fields, note="repeats of this kind are muted for a minute")

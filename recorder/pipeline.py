@@ -1,9 +1,10 @@
 """From frames to Parquet files: seq numbers, the journal, flattening, quarantine, flushes.
 
 ``on_frame`` runs on the event loop for every frame: it takes a seq, queues the frame for the
-journal, flattens it and buffers its rows, with no I/O. Parquet writes run in one worker
-thread, so a slow disk never stalls the receive loops; a failed write puts its rows back and
-is retried with backoff. Once every row of a frame is in Parquet, its journal segment goes.
+journal, flattens it and buffers its rows, with no I/O. Decoding and Parquet writes run in one
+worker thread (recorder.flushing), so a slow disk never stalls the receive loops; a failed
+write puts its rows back and is retried with backoff. Once every row of a frame is in
+Parquet, its journal segment goes.
 
 Connection events (sessions opened and closed, contracts rejected) take the same path: a
 seq, a journal record, rows of ``session_log``/``rejections``.
@@ -13,55 +14,44 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import tzinfo
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import structlog
 
-from recorder import allocators
-from recorder.buffer import Batch, Buffer, Key, Row
-from recorder.columnar import Decoder, FrameBatch, batches_to_parts, partitions
+from recorder.buffer import Buffer, Key, Row
+from recorder.columnar import FrameBatch
 from recorder.config import JournalConfig, StorageConfig
-from recorder.errors import FlattenError, StorageError
+from recorder.errors import FlattenError
 from recorder.flatten import ENVELOPE, Extra, flatten
+from recorder.flushing import FlushWorker
 from recorder.journal import Journal
+from recorder.logs import Muted
 from recorder.paths import partition_date
 from recorder.plain import flatten_fast, plain_frame
 from recorder.records import EVENT, FRAME, SNAPSHOT
 from recorder.reference import reference_row
-from recorder.schema import TABLES
+from recorder.schema import SOURCE_SNAPSHOT, SOURCE_STREAM
 from recorder.state import SeqAllocator
-from recorder.writer import ParquetWriter, WrittenFile
 
 log = structlog.get_logger("recorder.pipeline")
 
 _DAY_BUCKET_US = 15 * 60 * 1_000_000  # every time zone offset in use is a multiple of 15 min
 _EMPTY_MESSAGE: Extra = (ENVELOPE, None, "{}")  # a message with no section still leaves a row
-SOURCE_STREAM, SOURCE_SNAPSHOT = "stream", "snapshot"
 DUPLICATE = "duplicate: the same contract and timestamp came on two streams"
 #: plain frames decoded together by DuckDB (about 15 MB of JSON)
 DECODE_FRAMES = 20_000
-#: frames decoded together at most: a flush after the readers paused may hold hundreds of
-#: thousands, and DuckDB's working memory grows with the batch (a bigger batch decodes
-#: faster per frame: 20,000 at a time cost 12 % of the throughput)
-DECODE_CHUNK_FRAMES = 100_000
 #: once no frame has come for this long, the rows waiting are written at once: nothing more
 #: is coming to batch them with (the end of a burst or of a session is visible promptly)
 QUIET_SECONDS = 0.5
-#: the rows a frame not decoded yet is taken to make until frames have been decoded: a full
-#: message (three book levels and three other sections); then the average seen so far
-ROWS_PER_FRAME = 6.0
 
 
 @dataclass
@@ -125,21 +115,16 @@ class Pipeline:
         self._buffer = Buffer(
             storage.flush_interval_seconds, storage.max_rows_per_file, storage.max_buffered_rows
         )
-        self._writer = ParquetWriter(data_dir, storage.compression_level, storage.fsync)
         self._bulk = bulk_decode
-        self._decoder = Decoder()
         self._frames = FrameBatch()  # plain frames not decoded yet
         self._parts: dict[str, list[pa.Table]] = {}  # decoded rows not written yet
         self._parts_rows = 0
-        self._rows_per_frame = ROWS_PER_FRAME  # rows per decoded frame, on average
         self._parts_min_seq: int | None = None
         self._parts_since: float | None = None
         self._in_flight_min_seq: int | None = None  # taken by a decode or flush under way
         self._in_flight_rows = 0
         self._last_flush_seconds = 0.0
-        self._trimmed_at = -math.inf  # monotonic time of the last give_back (writer thread)
         self._last_frame_at = 0.0  # time.monotonic() of the latest frame
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet-writer")
         self.journal: Journal | None = None
         if journal is not None and journal.enabled:
             self.journal = Journal(
@@ -162,16 +147,19 @@ class Pipeline:
         self._open_sessions: dict[str, dict[str, Any]] = {}
         self._dedupe: dict[str, set[int]] = {}
         self._failures = 0
-        self._last_error_log: dict[str, float] = {}
+        self._muted = Muted(log)
         #: set while replaying the journal: tells which partitions already hold a seq
         self._skip: Callable[[Key, int], bool] | None = None
         self.stats = Stats()
+        self._worker = FlushWorker(
+            data_dir, storage, naive_tz, self.journal, self.stats, self._muted
+        )
 
     @property
     def rows_buffered(self) -> int:
         """Rows in memory waiting for a flush (a frame not decoded yet counts as the rows it
         will make, estimated from the frames decoded so far: memory is bounded by rows)."""
-        waiting = int(len(self._frames.seq) * self._rows_per_frame)
+        waiting = int(len(self._frames.seq) * self._worker.rows_per_frame)
         return self._buffer.rows + self._parts_rows + waiting + self._in_flight_rows
 
     # ------------------------------------------------------------------ hot path
@@ -307,20 +295,13 @@ class Pipeline:
         if self._add(("quarantine", day, None), [row], seq, now):
             self._wake.set()
         if self._skip is None:
-            self._log_limited("quarantine", "frame quarantined", seq=seq, reason=reason)
+            self._muted.warning("quarantine", "frame quarantined", seq=seq, reason=reason)
 
     def _note_sections(self, extras: list[Extra], contract: str) -> None:
         for section, _, _ in extras:
             if section not in self._seen_sections:
                 self._seen_sections.add(section)
                 log.info("unknown section kept in extras", section=section, contract=contract)
-
-    def _log_limited(self, kind: str, event: str, **fields: Any) -> None:
-        """Log ``event`` at most once a minute per ``kind`` (floods help nobody)."""
-        now = time.monotonic()
-        if now - self._last_error_log.get(kind, -1e9) >= 60:
-            self._last_error_log[kind] = now
-            log.warning(event, **fields, note="repeats of this kind are muted for a minute")
 
     # ------------------------------------------------------------------ journal replay
 
@@ -346,7 +327,7 @@ class Pipeline:
     def relieve_memory(self) -> None:
         """Before the loop runs: write everything when the buffer is full (recovery only)."""
         if self._buffer.rows >= self.storage.max_buffered_rows:
-            _, failed, error = self._write(self._buffer.take_all(), FrameBatch(), {})
+            _, failed, error = self._worker.write_now(self._buffer.take_all(), FrameBatch(), {})
             if error is not None:
                 self._keep(failed, time.monotonic())
                 log.error("cannot write recovered rows yet; kept in memory", error=str(error))
@@ -483,10 +464,9 @@ class Pipeline:
         """Decode the plain frames received so far into Arrow rows (in the writer thread)."""
         frames, self._frames = self._frames, FrameBatch()
         self._in_flight_min_seq = frames.first_seq
-        self._in_flight_rows = int(len(frames.seq) * self._rows_per_frame)
+        self._in_flight_rows = int(len(frames.seq) * self._worker.rows_per_frame)
         try:
-            loop = asyncio.get_running_loop()
-            tables = await loop.run_in_executor(self._pool, self._decode, frames)
+            tables = await self._worker.decode(frames)
         finally:
             self._in_flight_min_seq, self._in_flight_rows = None, 0
         self._keep(
@@ -507,46 +487,6 @@ class Pipeline:
         if self._parts and (self._parts_since is None or since < self._parts_since):
             self._parts_since = since
 
-    def _decode(self, frames: FrameBatch) -> dict[str, pa.Table]:
-        """The rows of plain frames, decoded DECODE_CHUNK_FRAMES at a time; ``frames`` is left
-        empty, and each chunk's raw frames are freed once decoded (a backlog's frames and
-        its rows are not all in memory at once)."""
-        chunks = frames.take_chunks(DECODE_CHUNK_FRAMES)
-        pieces = []
-        while chunks:
-            pieces.append(self._decode_chunk(chunks.pop(0)))
-        if len(pieces) == 1:
-            return pieces[0]
-        names = {name for piece in pieces for name in piece}
-        return {
-            name: pa.concat_tables([piece[name] for piece in pieces if name in piece])
-            for name in names
-        }
-
-    def _decode_chunk(self, frames: FrameBatch) -> dict[str, pa.Table]:
-        """The rows of plain frames: DuckDB's bulk decoding, or frame by frame if it fails."""
-        if not len(frames):
-            return {}
-        try:
-            tables = self._decoder.decode(frames)
-            self.stats.decoded_in_bulk += len(frames)
-            rows = sum(t.num_rows for t in tables.values())
-            # a running average (a float written whole: the event loop reads it safely)
-            self._rows_per_frame = 0.5 * self._rows_per_frame + 0.5 * rows / len(frames)
-            return tables
-        except (duckdb.Error, pa.ArrowException) as exc:
-            self._log_limited(
-                "decode", "bulk decoding failed; frames flattened one by one", error=str(exc)
-            )
-        batches: dict[Key, list[Row]] = {}
-        for i, frame in enumerate(frames.frames):
-            message = flatten(frame, self._naive_tz)
-            head = (message.exchange_us, frames.received[i], frames.seq[i])
-            for table, rows in message.rows.items():
-                key = (table, frames.day[i], message.contract)
-                batches.setdefault(key, []).extend(head + row + (SOURCE_STREAM,) for row in rows)
-        return batches_to_parts(Batch(key, rows) for key, rows in batches.items())
-
     async def flush(self, keys: list[Key] | None = None) -> bool:
         """Write every buffered row (``keys`` is ignored: a flush takes all partitions, so
         each gets one file per flush); False when a write failed (rows kept)."""
@@ -557,7 +497,7 @@ class Pipeline:
         self._in_flight_min_seq = min((f for f in floors if f is not None), default=None)
         self._in_flight_rows = (
             sum(len(b.rows) for b in batches)
-            + int(len(frames.seq) * self._rows_per_frame)
+            + int(len(frames.seq) * self._worker.rows_per_frame)
             + self._parts_rows
         )
         self._parts_rows, self._parts_min_seq, self._parts_since = 0, None, None
@@ -565,11 +505,10 @@ class Pipeline:
             self._in_flight_min_seq, self._in_flight_rows = None, 0
             return True
         started = time.monotonic()
-        loop = asyncio.get_running_loop()
-        job = [batches, frames, parts]  # _write takes them: it alone holds them then
+        job = [batches, frames, parts]  # the worker takes them: it alone holds them then
         del batches, frames, parts
         try:
-            written, failed, error = await loop.run_in_executor(self._pool, self._take_write, job)
+            written, failed, error = await self._worker.write(job)
         finally:
             self._in_flight_min_seq, self._in_flight_rows = None, 0
         for file in written:
@@ -591,7 +530,7 @@ class Pipeline:
         self._failures += 1
         self.stats.flush_failures += 1
         self.stats.last_flush_ok = False
-        self._log_limited(
+        self._muted.warning(
             "flush",
             "flush failed; rows kept in memory and retried",
             error=str(error),
@@ -613,63 +552,9 @@ class Pipeline:
 
     def _journal_error(self, error: OSError) -> None:
         # called from the journal's thread; structlog's logger is thread-safe
-        self._log_limited(
+        self._muted.warning(
             "journal", "journal write failed; frames kept and retried", error=str(error)
         )
-
-    def _take_write(
-        self, job: list[Any]
-    ) -> tuple[list[WrittenFile], dict[str, list[pa.Table]], StorageError | None]:
-        """:meth:`_write` of the flush's ``[batches, frames, parts]``, emptying ``job``."""
-        batches, frames, parts = job
-        job.clear()
-        try:
-            return self._write(batches, frames, parts)
-        finally:
-            del batches, frames, parts
-            # the flushes' freed heap blocks go back (recorder.allocators), at most once a
-            # flush interval: under a burst, each trim's pages would be faulted in again
-            now = time.monotonic()
-            if now - self._trimmed_at >= self.storage.flush_interval_seconds:
-                self._trimmed_at = now
-                allocators.give_back()
-
-    def _write(
-        self, batches: list[Batch], frames: FrameBatch, parts: dict[str, list[pa.Table]]
-    ) -> tuple[list[WrittenFile], dict[str, list[pa.Table]], StorageError | None]:
-        """One flush, in the writer thread: decode, sort, cut into files and write them.
-
-        Returns the files written, the rows not written (kept for the next flush) and the
-        error that stopped the flush, if any. Rows are copied once, into file order; the
-        frames and rows they come from are let go as soon as they are not needed (``frames``
-        is left empty), so a flush holds about one copy of its rows, not three.
-        """
-        tables = {name: list(rows) for name, rows in parts.items()}
-        parts.clear()
-        for source in (self._decode(frames), batches_to_parts(batches)):
-            for name, rows in source.items():
-                tables.setdefault(name, []).append(rows)
-        batches.clear()
-        try:
-            merged = {name: pa.concat_tables(rows) for name, rows in tables.items()}
-            newest = max(int(pc.max(rows.column("seq")).as_py()) for rows in merged.values())
-            if self.journal is not None and not self.journal.wait_written(newest, timeout=5.0):
-                return [], tables, StorageError("the journal is behind; rows kept for later")
-            ordered: dict[str, pa.Table] = {}
-            files = []
-            for name, rows in merged.items():
-                ordered[name], cut = partitions(TABLES[name], rows, self.storage.max_rows_per_file)
-                files.extend(cut)
-        except pa.ArrowException as exc:  # a defect, not bad input: keep every row, say so
-            return [], tables, StorageError(f"cannot arrange rows into files: {exc}")
-        del tables, merged, rows  # `ordered` holds every row, in file order
-        written, failed, error = self._writer.write_parts(ordered, files)
-        kept: dict[str, list[pa.Table]] = {}
-        for part in failed:
-            kept.setdefault(part.key[0], []).append(
-                ordered[part.key[0]].slice(part.offset, part.length)
-            )
-        return written, kept, error
 
     async def close(self, patience: float = 30.0) -> bool:
         """Flush everything still buffered (retrying for up to ``patience`` s); True when done."""
@@ -687,8 +572,7 @@ class Pipeline:
             log.error(
                 "rows not written before exit; they stay in the journal", rows=self._buffer.rows
             )
-        self._pool.shutdown(wait=True)
-        self._decoder.close()
+        self._worker.close()
         if self.journal is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.journal.close)
         self._seq.close()

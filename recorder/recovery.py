@@ -21,8 +21,9 @@ import structlog
 
 from recorder.buffer import Key
 from recorder.paths import partition_dir, seq_range
-from recorder.pipeline import SOURCE_SNAPSHOT, SOURCE_STREAM, Pipeline
+from recorder.pipeline import Pipeline
 from recorder.records import FRAME, SNAPSHOT, SessionCounts
+from recorder.schema import SOURCE_SNAPSHOT, SOURCE_STREAM
 
 log = structlog.get_logger("recorder.recovery")
 

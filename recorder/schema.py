@@ -30,6 +30,10 @@ CONTRACT_COLUMN = "contract"
 #: takes fewer bytes (see :mod:`recorder.packing`); the views add it back.
 RECEIVED_DELAY_COLUMN = "received_delay_us"
 
+#: the data tables' ``source``: a message of a stream, or of the live overview fetched when a
+#: session opens
+SOURCE_STREAM, SOURCE_SNAPSHOT = "stream", "snapshot"
+
 #: The tables that hold market data, in the order of the message's sections.
 DATA_TABLES = ("best_limit", "aggregate", "allowed_price_range", "contract_info")
 

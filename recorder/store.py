@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 from recorder.catalog import SCHEMAS
 from recorder.flatten import Extra, Row, to_message
 from recorder.paths import decode_contract
-from recorder.schema import DATA_TABLES, TABLES
+from recorder.schema import DATA_TABLES, SOURCE_SNAPSHOT, TABLES
 from recorder.storefiles import (
     CONTRACT_PREFIX,
     ONE_US,
@@ -44,7 +44,6 @@ from recorder.storefiles import (
     contract_list,
 )
 from recorder.storesql import (
-    SNAPSHOT,
     Database,
     Files,
     Part,
@@ -348,7 +347,7 @@ class Store:
         """How many messages :meth:`replay` yields for the same arguments."""
         chosen = contract_list(contracts)
         where, params = time_filter(start, end)
-        where.append(f"source IS DISTINCT FROM {sql_text(SNAPSHOT)}")
+        where.append(f"source IS DISTINCT FROM {sql_text(SOURCE_SNAPSHOT)}")
         union = " UNION ALL ".join(
             f"SELECT seq FROM {name} WHERE {' AND '.join(where)}" for name in _REPLAY_TABLES
         )

@@ -19,10 +19,8 @@ from recorder.catalog import (
     split_files,
 )
 from recorder.flatten import Row
-from recorder.pipeline import SOURCE_SNAPSHOT
-from recorder.schema import TABLES, Table
+from recorder.schema import SOURCE_SNAPSHOT, TABLES, Table
 
-SNAPSHOT = SOURCE_SNAPSHOT  # the `source` of a message fetched as a live overview
 TimeLike = datetime | date | str
 #: the files a request reads, per table (contract files and day files, see recorder.paths)
 Files = dict[str, list[Path]]
@@ -244,7 +242,7 @@ def frames(
         values = (["level"] if table.levels else []) + [c.name for c in table.wire_columns]
     where, params = time_filter(start, end)
     if not snapshots and any(c.name == "source" for c in table.columns):
-        where.append(f"source IS DISTINCT FROM {sql_text(SNAPSHOT)}")
+        where.append(f"source IS DISTINCT FROM {sql_text(SOURCE_SNAPSHOT)}")
     order = "exchange_ts, seq" + (", level" if table.levels else "")
     sql = (
         f"SELECT epoch_us(exchange_ts) AS us, seq, contract, {', '.join(values)} FROM {name}"

@@ -26,7 +26,8 @@ from recorder.columnar import (
     parts_schema,
 )
 from recorder.config import StorageConfig
-from recorder.pipeline import DECODE_CHUNK_FRAMES, DECODE_FRAMES, ROWS_PER_FRAME, Pipeline
+from recorder.flushing import DECODE_CHUNK_FRAMES, ROWS_PER_FRAME
+from recorder.pipeline import DECODE_FRAMES, Pipeline
 from recorder.plain import plain_frame
 from recorder.schema import TABLES
 from recorder.simdata import FeedVariants, Market, Subscription, make_contracts
