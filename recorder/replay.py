@@ -33,15 +33,13 @@ import orjson
 import structlog
 from aiohttp import web
 
+from recorder.simstream import POLICY_VIOLATION, STREAM_PATH, converse
 from recorder.simulator import (
-    POLICY_VIOLATION,
-    STREAM_PATH,
     TOKEN_PATH,
     HeaderScheme,
     RefuseWith,
     Simulator,
     SimulatorOptions,
-    converse,
     served_urls,
 )
 from recorder.store import Store

@@ -1,20 +1,4 @@
-"""The IME feed simulator: token endpoint, both live streams and a control API, on aiohttp.
-
-aiohttp behaviour relied on (read in aiohttp 3.14's web_ws.py, _websocket/writer.py and
-http_writer.py; only public names are touched, but these properties are not documented):
-- After `WebSocketResponse.prepare()`, aiohttp's `WebSocketWriter` writes every uncompressed
-  frame straight to `request.transport` with no buffer of its own, so whole frames that fast
-  mode writes to that transport interleave safely with aiohttp's own (close, pong).
-- The `StreamWriter` that `prepare()` returns has `drain()`, which waits only while the
-  protocol is paused, i.e. while the transport's write buffer is above its high-water mark.
-- `WebSocketResponse.close()` sets `closed` and writes the close frame without yielding in
-  between, so checking `ws.closed` right before each write means no data frame ever follows our
-  close frame; and `send_str()` of a small frame writes it before its first suspension point,
-  so a frame counted just before `send_str()` is on the wire even if the sender is cancelled.
-- `close()` racing a pending `receive()` in another task drops TCP without awaiting the peer's
-  close frame, so server-initiated closes first cancel the pending `receive()` (cancel-safe: the
-  data queue keeps unread frames) and then call `close()` from the reading task.
-"""
+"""The IME feed simulator: options, tokens, contracts and a control API; streams in simstream."""
 
 from __future__ import annotations
 
@@ -32,8 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeVar
 
 import orjson
-from aiohttp import WSMsgType, web
-from aiohttp.abc import AbstractStreamWriter
+from aiohttp import web
 from yarl import URL
 
 from recorder.simdata import (
@@ -42,20 +25,17 @@ from recorder.simdata import (
     FeedVariants,
     IdKey,
     Market,
-    Message,
     Subscription,
     TimestampStyle,
     make_contracts,
     new_contract,
-    text_frame,
 )
 from recorder.simrest import RestEndpoints, exchange_clock_now
+from recorder.simstream import STREAM_PATH, SentFrame, Streams
 
 HeaderScheme = Literal["any", "raw", "bearer"]
 RefuseWith = Literal["403", "1008"]
-STREAM_PATH = "/data-engine/ime/live/data/websocket/contract/{endpoint}"
 TOKEN_PATH = "/auth/user/token/issue"  # noqa: S105 - a URL path, not a secret
-POLICY_VIOLATION = 1008
 _T = TypeVar("_T")
 
 
@@ -113,30 +93,6 @@ class SimulatorOptions:
         return FeedVariants(**{name: getattr(self, name) for name in FeedVariants.__slots__})
 
 
-@dataclass(frozen=True, slots=True)
-class SentFrame:
-    """One data frame handed to a connection's transport, in send order."""
-
-    conn: int
-    seq: int  # 1-based position on its connection
-    contract_id: str
-    fault: str | None
-    text: str
-
-
-@dataclass(eq=False)
-class _Connection:
-    id: int
-    ws: web.WebSocketResponse
-    transport: asyncio.Transport
-    subscription: Subscription
-    close_request: asyncio.Future[tuple[int, str]]
-    sent: int = 0
-
-    def writable(self) -> bool:
-        return not self.ws.closed and not self.transport.is_closing()
-
-
 def _b64url(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
@@ -163,22 +119,13 @@ class Simulator:
         self._secret = secrets.token_bytes(32)
         self._tokens: dict[str, float] = {}  # issued token -> exp (unix seconds)
         self._revoked: set[str] = set()
-        self._conns: dict[int, _Connection] = {}
-        self._handlers: set[asyncio.Future[Any]] = set()
-        self._sent: list[SentFrame] = []
-        self._sent_by_conn: dict[int, int] = {}
-        self._refusals: Counter[str] = Counter()
         self._rest_refusals: Counter[str] = Counter()
         self.delisted: set[str] = set()
-        self._closes: Counter[int] = Counter()
-        self._accepted = self._logins_failed = 0
-        self._rate = opts.rate
-        self._refuse_with: RefuseWith = opts.refuse_with
-        self._resumed = asyncio.Event()
-        self._resumed.set()
+        self._logins_failed = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
         self._clock = opts.clock or self._scaled_clock(opts.start_time, opts.time_scale)
+        self._streams = Streams(self, self._clock)
 
     @staticmethod
     def _scaled_clock(start: datetime | None, scale: float) -> Callable[[], datetime]:
@@ -193,7 +140,7 @@ class Simulator:
         self._loop = asyncio.get_running_loop()
         app = web.Application()
         app.router.add_post(TOKEN_PATH, self._login)
-        app.router.add_get(STREAM_PATH.replace("{endpoint}", "{endpoint:id|name}"), self._stream)
+        self._streams.register(app)
         app.router.add_post("/_sim/{action:close|abort|revoke|pause|resume}", self._control)
         app.router.add_get("/_sim/{what:stats|sent}", self._report)
         app.router.add_post("/_sim/list", self._list_handler)
@@ -208,10 +155,7 @@ class Simulator:
 
     async def stop(self) -> None:
         """Close every stream with 1001 (going away), wait for the handlers, free the port."""
-        for conn in list(self._conns.values()):
-            self._close_conn(conn, 1001, "server shutdown")
-        if self._handlers:
-            await asyncio.wait(set(self._handlers), timeout=self.options.close_timeout + 1)
+        await self._streams.stop()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -233,7 +177,7 @@ class Simulator:
     @property
     def sent(self) -> list[SentFrame]:
         """Every data frame sent so far, in send order (only with `keep_sent`)."""
-        return self._on_loop(lambda: list(self._sent))
+        return self._on_loop(lambda: list(self._streams.sent))
 
     def stream_url(self, endpoint: Endpoint, identifiers: Sequence[str]) -> str:
         """Full stream URL with repeated `contract_id` / `contract_name` parameters."""
@@ -246,17 +190,18 @@ class Simulator:
         """Counters: connections, messages sent (per connection and total), tokens, refusals."""
 
         def collect() -> dict[str, Any]:
+            streams = self._streams
             return {
-                "connections_open": len(self._conns),
-                "connections_accepted": self._accepted,
-                "messages_sent": {str(k): v for k, v in self._sent_by_conn.items()},
-                "messages_sent_total": sum(self._sent_by_conn.values()),
+                "connections_open": len(streams.conns),
+                "connections_accepted": streams.accepted,
+                "messages_sent": {str(k): v for k, v in streams.sent_by_conn.items()},
+                "messages_sent_total": sum(streams.sent_by_conn.values()),
                 "tokens_issued": len(self._tokens),
                 "tokens_revoked": len(self._revoked),
                 "logins_failed": self._logins_failed,
-                "refusals": dict(self._refusals),
+                "refusals": dict(streams.refusals),
                 "rest_refusals": dict(self._rest_refusals),
-                "server_closes": {str(k): v for k, v in self._closes.items()},
+                "server_closes": {str(k): v for k, v in streams.closes.items()},
             }
 
         return self._on_loop(collect)
@@ -281,17 +226,13 @@ class Simulator:
         loop.call_soon_threadsafe(run)
         return done.result(timeout=30)
 
-    def _each_conn(self, action: Callable[[_Connection], object]) -> None:
-        for conn in list(self._conns.values()):
-            action(conn)
-
     def close_all(self, code: int = 1011, reason: str = "") -> None:
         """Close every open stream with `code` and `reason` (a normal close handshake)."""
-        self._on_loop(lambda: self._each_conn(lambda c: self._close_conn(c, code, reason)))
+        self._on_loop(lambda: self._streams.close_all(code, reason))
 
     def abort_all(self) -> None:
         """Drop every stream's TCP connection without a close frame."""
-        self._on_loop(lambda: self._each_conn(lambda c: c.transport.abort()))
+        self._on_loop(self._streams.abort_all)
 
     def revoke_tokens(self) -> None:
         """Invalidate every token issued so far (not `static_token`); open streams stay open."""
@@ -300,17 +241,17 @@ class Simulator:
     def set_refuse_with(self, mode: RefuseWith) -> None:
         if mode not in ("403", "1008"):
             raise ValueError(f"refuse_with must be '403' or '1008', not {mode!r}")
-        self._on_loop(lambda: setattr(self, "_refuse_with", mode))
+        self._on_loop(lambda: setattr(self._streams, "refuse_with", mode))
 
     def set_rate(self, rate: float) -> None:
-        self._on_loop(lambda: setattr(self, "_rate", rate))
+        self._on_loop(lambda: setattr(self._streams, "rate", rate))
 
     def pause(self) -> None:
         """Stop sending on every stream, sockets left open, until `resume()`."""
-        self._on_loop(self._resumed.clear)
+        self._on_loop(self._streams.resumed.clear)
 
     def resume(self) -> None:
-        self._on_loop(self._resumed.set)
+        self._on_loop(self._streams.resumed.set)
 
     def issue_token(self, ttl_seconds: float | None = None, username: str | None = None) -> str:
         """Mint a valid token without logging in (tests: short-lived or expired tokens).
@@ -329,11 +270,6 @@ class Simulator:
         token = f"{signing_input}.{_b64url(signature)}"
         self._on_loop(lambda: self._tokens.__setitem__(token, exp))
         return token
-
-    def _close_conn(self, conn: _Connection, code: int, reason: str) -> None:
-        if not conn.close_request.done() and not conn.ws.closed:
-            self._closes[code] += 1
-            conn.close_request.set_result((code, reason))
 
     # ---- HTTP handlers ---------------------------------------------------------------------
 
@@ -355,7 +291,7 @@ class Simulator:
 
     def token_refusal(self, request: web.Request) -> str | None:
         """Why this request's token is refused (None when it is good)."""
-        refusal, _ = self._check(request, None)
+        refusal, _ = self.check_access(request, None)
         return refusal
 
     def count_refusal(self, reason: str) -> None:
@@ -395,7 +331,9 @@ class Simulator:
         )
         return web.json_response({"contractId": contract.id, "contractName": contract.name})
 
-    def _check(
+    # ---- stream support (simstream); the token check serves the REST endpoints as well -----
+
+    def check_access(
         self, request: web.Request, endpoint: Endpoint | None
     ) -> tuple[str | None, float | None]:
         """Why this request is refused (None when accepted), and the token's expiry.
@@ -428,123 +366,10 @@ class Simulator:
             return "unknown contract", exp  # like the real server, never says which one
         return None, exp
 
-    async def _stream(self, request: web.Request) -> web.StreamResponse:
-        endpoint: Endpoint = "id" if request.match_info["endpoint"] == "id" else "name"
-        refusal, exp = self._check(request, endpoint)
-        if refusal is not None:
-            self._refusals[refusal] += 1
-            if self._refuse_with == "403":  # FastAPI closing before accept answers HTTP 403
-                return web.Response(status=403, text="Forbidden")
-            refused = web.WebSocketResponse(timeout=self.options.close_timeout)
-            await refused.prepare(request)
-            await refused.close(code=POLICY_VIOLATION, message=refusal.encode())
-            return refused
-        idents = request.query.getall("contract_id" if endpoint == "id" else "contract_name")
-        chosen = [self._by_key[endpoint][ident] for ident in dict.fromkeys(idents)]
-        ws = web.WebSocketResponse(
-            compress=not self.options.fast,  # fast mode writes its own uncompressed frames
-            heartbeat=self.options.heartbeat,
-            timeout=self.options.close_timeout,
-        )
-        writer = await ws.prepare(request)
-        if request.transport is None:
-            return ws
-        self._accepted += 1
-        subscription = Subscription(self._market, chosen, endpoint, self.options.seed)
-        closing = asyncio.get_running_loop().create_future()
-        conn = _Connection(self._accepted, ws, request.transport, subscription, closing)
-        handler = asyncio.current_task()
-        assert handler is not None
-        self._handlers.add(handler)
-        self._conns[conn.id] = conn
-        self._sent_by_conn[conn.id] = 0
-        expiry = None
-        if exp is not None:
-            delay = max(0.0, exp - time.time())
-            expiry = asyncio.get_running_loop().call_later(
-                delay, self._close_conn, conn, POLICY_VIOLATION, "expired token"
-            )
-        send = self._send_fast(conn, writer) if self.options.fast else self._send_paced(conn)
-        sender = asyncio.create_task(send)
-        try:
-            await self._converse(conn)
-        finally:
-            if expiry is not None:
-                expiry.cancel()
-            sender.cancel()
-            await asyncio.wait([sender])
-            del self._conns[conn.id]
-            self._handlers.discard(handler)
-        return ws
-
-    @staticmethod
-    async def _converse(conn: _Connection) -> None:
-        await converse(conn.ws, conn.close_request)
-
-    # ---- senders ---------------------------------------------------------------------------
-
-    def _record(self, conn: _Connection, messages: Sequence[Message]) -> None:
-        if self.options.keep_sent:
-            self._sent.extend(
-                SentFrame(conn.id, conn.sent + i, m.contract.id, m.fault, m.text)
-                for i, m in enumerate(messages, 1)
-            )
-        conn.sent += len(messages)
-        self._sent_by_conn[conn.id] = conn.sent
-
-    async def _send_paced(self, conn: _Connection) -> None:
-        """One `send_str` per message at `rate` per second, catching up after stalls."""
-        loop = asyncio.get_running_loop()
-        limit = self.options.max_messages
-        rate, due = self._rate, loop.time()
-        while limit is None or conn.sent < limit:
-            if not self._resumed.is_set():
-                await self._resumed.wait()
-                due = loop.time()
-            if rate != self._rate:
-                rate, due = self._rate, loop.time()
-            now = loop.time()
-            if rate > 0 and due > now:
-                await asyncio.sleep(due - now)
-                continue
-            if rate > 0:
-                due = max(due + 1.0 / rate, now - 1.0)  # catch up at most one second
-            elif conn.sent % 64 == 63:
-                await asyncio.sleep(0)  # flat out, but let the reader see a close
-            if not conn.writable():
-                return
-            message = conn.subscription.next(self._clock())
-            self._record(conn, (message,))  # before the await: the write happens first
-            await conn.ws.send_str(message.text)
-
-    async def _send_fast(self, conn: _Connection, writer: AbstractStreamWriter) -> None:
-        """Cycle a pool of pre-encoded frames, `fast_batch` frames per `transport.write`."""
-        opts = self.options
-        limit, size, step = opts.max_messages, opts.fast_pool, opts.fast_batch
-        size = size if limit is None else max(1, min(size, limit))
-        pool: list[Message] = []
-        while len(pool) < size:
-            pool.extend(conn.subscription.next(self._clock()) for _ in range(min(512, size)))
-            await asyncio.sleep(0)
-        del pool[size:]
-        frames = [text_frame(m.text.encode()) for m in pool]
-        batches = [(i, b"".join(frames[i : i + step])) for i in range(0, size, step)]
-        index = 0
-        while limit is None or conn.sent < limit:
-            if not self._resumed.is_set():
-                await self._resumed.wait()
-            if not conn.writable():
-                return
-            start, data = batches[index]
-            count = min(step, size - start)
-            if limit is not None and limit - conn.sent < count:
-                count = limit - conn.sent
-                data = b"".join(frames[start : start + count])
-            conn.transport.write(data)
-            self._record(conn, pool[start : start + count])
-            index = (index + 1) % len(batches)
-            await writer.drain()  # waits only while the transport is above its high-water mark
-            await asyncio.sleep(0)  # let the reader see a client close between batches
+    def subscribe(self, endpoint: Endpoint, identifiers: Sequence[str]) -> Subscription:
+        """What a stream of these contracts hears (identifiers that `check_access` passed)."""
+        chosen = [self._by_key[endpoint][ident] for ident in dict.fromkeys(identifiers)]
+        return Subscription(self._market, chosen, endpoint, self.options.seed)
 
     # ---- control API over HTTP, for a simulator run as a subprocess ------------------------
 
@@ -566,30 +391,5 @@ class Simulator:
             return web.json_response(self.stats())
         if not self.options.keep_sent:
             return web.json_response({"detail": "start the simulator with keep_sent"}, status=404)
-        lines = [orjson.dumps(f, option=orjson.OPT_APPEND_NEWLINE) for f in self._sent]
+        lines = [orjson.dumps(f, option=orjson.OPT_APPEND_NEWLINE) for f in self._streams.sent]
         return web.Response(body=b"".join(lines), content_type="application/x-ndjson")
-
-
-async def converse(
-    ws: web.WebSocketResponse, close_request: asyncio.Future[tuple[int, str]]
-) -> None:
-    """Read until the client closes, or close on request with a full close handshake.
-
-    Reading answers pings (autoping) and the client's close (autoclose); client text is
-    ignored, there is no dynamic subscribe yet. Our close runs here, not beside a pending
-    `receive()`: aiohttp would then drop the TCP connection without awaiting the reply.
-    Shared by the simulator and the replay server (recorder/replay.py).
-    """
-    ends = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
-    while not ws.closed:
-        receiving = asyncio.ensure_future(ws.receive())
-        try:
-            await asyncio.wait((receiving, close_request), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            receiving.cancel()
-            await asyncio.wait([receiving])
-        if not receiving.cancelled() and receiving.result().type in ends:
-            return
-        if close_request.done():
-            code, reason = close_request.result()
-            await ws.close(code=code, message=reason.encode())

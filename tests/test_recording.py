@@ -14,7 +14,7 @@ import pytest
 
 import recorder
 from recorder.schema import DATA_TABLES, SECTION_TABLES, TABLES, Column
-from recorder.simulator import SentFrame
+from recorder.simstream import SentFrame
 from tests.conftest import make_config, record_until
 
 TEHRAN = ZoneInfo("Asia/Tehran")
