@@ -47,11 +47,16 @@ STEPS = (
     ("fsync", re.compile(r"fsync|fdatasync")),
     ("parquet write", re.compile(r"write_table|ParquetWriter\.(__init__|close|write)|pyarrow/")),
     ("arrow build (to_arrow)", re.compile(r"to_arrow")),
-    ("flatten (orjson + checks)", re.compile(r"recorder/(flatten|plain)\.py")),
+    ("plain check, flatten", re.compile(r"recorder/(flatten|plain)\.py")),
     ("buffer + partition keys", re.compile(r"recorder/buffer\.py|Pipeline\._(ingest|add)")),
     ("journal", re.compile(r"recorder/journal\.py")),
+    ("bulk decoding (DuckDB)", re.compile(r"Decoder\.decode")),
     ("websocket receive", re.compile(r"aiohttp/|asyncio/selector_events")),
-    ("import / start-up", re.compile(r"importlib|<module>")),
+    ("batching (pipeline, columnar)", re.compile(r"recorder/(pipeline|columnar)\.py")),
+    ("read loop", re.compile(r"recorder/feed\.py")),
+    ("flush work, the rest", re.compile(r"recorder/flushing\.py")),
+    ("event loop (asyncio)", re.compile(r"asyncio/")),
+    ("import / start-up", re.compile(r"importlib")),
 )
 
 
