@@ -12,7 +12,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Callable, Iterable, MutableMapping
 from typing import Any
 
 import structlog
@@ -100,13 +100,14 @@ class Muted:
 
     PERIOD = 60.0
 
-    def __init__(self, logger: Any) -> None:
+    def __init__(self, logger: Any, clock: Callable[[], float] = time.monotonic) -> None:
         self._log = logger
+        self._clock = clock
         self._last: dict[str, float] = {}
 
     def warning(self, kind: str, event: str, **fields: Any) -> None:
         """Log ``event`` unless a warning of ``kind`` was logged less than a minute ago."""
-        now = time.monotonic()
+        now = self._clock()
         if now - self._last.get(kind, -math.inf) >= self.PERIOD:
             self._last[kind] = now
             self._log.warning(event, **fields, note="repeats of this kind are muted for a minute")
