@@ -152,7 +152,7 @@ def run_client(kind: str, total: int) -> dict[str, Any]:
 
 
 CONTENDERS = ("recorder", "ceiling", "hedgetech", "naive")
-#: run once whatever --rounds says: the naive recorder takes ~35 s a run and has no target
+#: run once whatever --rounds says: the naive recorder takes 35-50 s a run and has no target
 ONCE = ("naive",)
 
 
