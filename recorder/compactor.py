@@ -18,7 +18,10 @@ A **date folder with day files** ``D = {table}/date=X`` of a table partitioned b
 1. list ``D`` (its day files, and the files of each ``contract=`` folder); read the
    ``contract`` column of the day files. A contract that has rows in the day files but no file
    of its own gets a *placeholder*, ``{s}-{s}.p.parquet`` with no row (``s``: the lowest seq
-   of the day files), in its folder, now, in the live ``D``: see "readers" below;
+   of the day files), in its folder, now, in the live ``D``: see "readers" below. List ``D``
+   again: if a day file came meanwhile, give this attempt up (the contracts of its rows were
+   not read, and one whose folder is already one compacted file would be kept as it is while
+   the new day file is left out of the new ``D``);
 2. build the whole new date folder ``H = {data_dir}/_state/compaction/{table}/date=X``: for
    each contract with rows in the day files, or whose folder is not one compacted file, one
    compacted file of its rows (its folder's files and its rows of the day files, read a chunk
@@ -345,7 +348,14 @@ class Compactor:
             in_days = day_contracts(table, [live / n for n in listing.day_files])
             plan_fold(listing, in_days, placed=False)  # names and ranges checked before any write
             self._place_holders(table, live, listing, in_days)
-            listing = list_date(live)
+            self._step("placed", key)
+            placed = list_date(live)
+            if placed.day_files != listing.day_files:
+                # a flush landed since the contracts were read: its rows' contracts would be
+                # missing from in_days, and a contract whose folder is one compacted file
+                # would be kept as it is while the new day file is dropped
+                return Done(Outcome.CHANGED)
+            listing = placed
             plans = plan_fold(listing, in_days)
         except Unsafe:
             return Done(Outcome.UNSAFE)
