@@ -38,6 +38,7 @@ from recorder.errors import AllRefusedError, TransientError
 from recorder.events import FeedEvents, NoEvents
 from recorder.logs import scrub
 from recorder.refusals import StreamRefused, all_refused_message, find_refused, next_step
+from recorder.wsqueue import Parsed
 
 log = structlog.get_logger("recorder.feed")
 
@@ -327,16 +328,22 @@ class FeedConnection:
         stats = self.stats
         session_id = s.id
         pressure = self._pressure
+        parsed = Parsed(ws)
         while True:
             msg = await ws.receive()
             if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
-                received = now_us()
                 if not s.announced:
                     self._announce(s)
-                s.frames += 1
+                frames = 0
+                while True:  # this frame, then those aiohttp parsed from the same socket read
+                    on_frame(session_id, msg.data, now_us())
+                    frames += 1
+                    if (pressure is not None and pressure.full) or not parsed.data_next():
+                        break
+                    msg = await parsed.read()  # already parsed: returns without suspending
+                s.frames += frames
+                stats.frames += frames
                 s.last_frame = time.monotonic()
-                stats.frames += 1
-                on_frame(session_id, msg.data, received)
                 if pressure is not None and pressure.full:
                     # stop reading (TCP holds the server back) while memory drains to disk;
                     # the watchdog's clock stops too, for a wait is not a silent stream
