@@ -130,7 +130,7 @@ async def record(
                     config.feed,
                     session,
                     tokens,
-                    pipeline.on_frame,
+                    pipeline.on_frames,
                     own_stop,
                     events=events,
                     backpressure=pipeline,

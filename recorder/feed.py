@@ -1,8 +1,9 @@
 """The feed consumer: one WebSocket connection per group of contracts, reconnecting forever.
 
 Each :class:`FeedConnection` opens ``{base_url}/live/data/websocket/contract/{id|name}`` with
-the contracts as repeated query parameters and the Authorization header, hands every frame
-to ``on_frame`` the moment it arrives, and reconnects with capped exponential backoff and
+the contracts as repeated query parameters and the Authorization header, hands the frames
+to ``on_frames`` the moment they arrive (those parsed from one socket read together), and
+reconnects with capped exponential backoff and
 full jitter (tenacity) on any end that is not a stop. On a stop it sends the closing
 handshake and keeps every frame the server sends before its own close frame.
 
@@ -43,7 +44,8 @@ from recorder.wsqueue import Parsed
 log = structlog.get_logger("recorder.feed")
 
 _Socket = aiohttp.ClientWebSocketResponse[Literal[False]]
-FrameSink = Callable[[str, bytes | str, int], object]
+#: takes (session id, frames received together in order, their receive time in µs)
+FrameSink = Callable[[str, list[bytes | str], int], object]
 _POLICY_VIOLATION = 1008
 _EXPIRY_SLACK_SECONDS = 1.0  # a 1008 this close to the token's exp is the expiry
 _STALE_GROWTH_MAX = 3  # the watchdog period doubles at most this many times
@@ -124,7 +126,7 @@ class FeedConnection:
         config: FeedConfig,
         session: aiohttp.ClientSession,
         tokens: TokenProvider,
-        on_frame: FrameSink,
+        on_frames: FrameSink,
         stop: asyncio.Event,
         events: FeedEvents | None = None,
         backpressure: Backpressure | None = None,
@@ -136,7 +138,7 @@ class FeedConnection:
         self.url = stream_url(config.base_url, config.subscribe_by, contracts)
         self._session = session
         self._tokens = tokens
-        self._on_frame = on_frame
+        self._on_frames = on_frames
         self._stop = stop
         self._events: FeedEvents = events or NoEvents()
         self.stats = ConnectionStats()
@@ -324,7 +326,7 @@ class FeedConnection:
         return ended
 
     async def _read(self, ws: _Socket, s: _Session) -> None:
-        on_frame = self._on_frame
+        on_frames = self._on_frames
         stats = self.stats
         session_id = s.id
         pressure = self._pressure
@@ -334,15 +336,13 @@ class FeedConnection:
             if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
                 if not s.announced:
                     self._announce(s)
-                frames = 0
-                while True:  # this frame, then those aiohttp parsed from the same socket read
-                    on_frame(session_id, msg.data, now_us())
-                    frames += 1
-                    if (pressure is not None and pressure.full) or not parsed.data_next():
-                        break
-                    msg = await parsed.read()  # already parsed: returns without suspending
-                s.frames += frames
-                stats.frames += frames
+                received = now_us()  # every frame taken below had arrived by now
+                frames = [msg.data]
+                while parsed.data_next():  # those aiohttp parsed from the same socket reads
+                    frames.append((await parsed.read()).data)  # returns without suspending
+                on_frames(session_id, frames, received)
+                s.frames += len(frames)
+                stats.frames += len(frames)
                 s.last_frame = time.monotonic()
                 if pressure is not None and pressure.full:
                     # stop reading (TCP holds the server back) while memory drains to disk;
@@ -403,7 +403,7 @@ class FeedConnection:
     async def _probe(self, contracts: tuple[str, ...]) -> str | None:
         """Open a stream for ``contracts`` for the probe wait: None if accepted, else the answer.
 
-        Frames that arrive are real data: they go to ``on_frame`` under the probe's session.
+        Frames that arrive are real data: they go to ``on_frames`` under the probe's session.
         """
         if self._stop.is_set():
             raise _Stopped

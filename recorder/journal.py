@@ -151,6 +151,18 @@ class Journal:
         self._pending.append((kind, seq, received_us, connection, payload))
         self._queued_bytes += len(payload)
 
+    def extend(
+        self, kind: int, first_seq: int, received_us: int, connection: str, payloads: list[bytes]
+    ) -> None:
+        """Queue records of consecutive seqs from ``first_seq``, one per payload, as
+        :meth:`append` does each (event loop; the tuples are built in C)."""
+        repeat = itertools.repeat
+        seqs = range(first_seq, first_seq + len(payloads))
+        self._pending.extend(
+            zip(repeat(kind), seqs, repeat(received_us), repeat(connection), payloads)  # noqa: B905
+        )
+        self._queued_bytes += sum(map(len, payloads))
+
     def release(self, below_seq: int) -> None:
         """Every frame with a seq below ``below_seq`` is in Parquet: its segments may go."""
         self._release_below = max(self._release_below, below_seq)

@@ -1,10 +1,10 @@
 """From frames to Parquet files: seq numbers, the journal, flattening, quarantine, flushes.
 
-``on_frame`` runs on the event loop for every frame: it takes a seq, queues the frame for the
-journal, flattens it and buffers its rows, with no I/O. Decoding and Parquet writes run in one
-worker thread (recorder.flushing), so a slow disk never stalls the receive loops; a failed
-write puts its rows back and is retried with backoff. Once every row of a frame is in
-Parquet, its journal segment goes.
+``on_frames`` runs on the event loop for the frames of each socket read: it takes their seqs,
+queues them for the journal, checks or flattens each and buffers it, with no I/O. Decoding
+and Parquet writes run in one worker thread (recorder.flushing), so a slow disk never stalls
+the receive loops; a failed write puts its rows back and is retried with backoff. Once every
+row of a frame is in Parquet, its journal segment goes.
 
 Connection events (sessions opened and closed, contracts rejected) take the same path: a
 seq, a journal record, rows of ``session_log``/``rejections``.
@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import tzinfo
 from pathlib import Path
@@ -165,37 +165,62 @@ class Pipeline:
     # ------------------------------------------------------------------ hot path
 
     def on_frame(self, connection: str, frame: bytes | str, received_us: int) -> int:
-        """Take one frame as received; returns its seq. Never raises for bad input.
+        """Take one frame as received; returns its seq. Never raises for bad input."""
+        return self.on_frames(connection, (frame,), received_us)
+
+    def on_frames(self, connection: str, frames: Sequence[bytes | str], received_us: int) -> int:
+        """Take frames received together, in order; returns the first one's seq (the rest
+        follow it). Never raises for bad input.
 
         A plain frame (the usual kind) only joins the batch DuckDB decodes in the writer
-        thread; any other takes the full rules here and now.
+        thread; any other takes the full rules here and now. The feed hands over the frames
+        aiohttp parsed from one socket read: the per-frame work is then only the check, and
+        the bookkeeping (seqs, the journal's queue, the batch's columns) is done per call.
         """
-        seq = self._seq.next()
-        if not seq & 1023:
+        count = len(frames)
+        first = self._seq.take(count)
+        if (first - 1) >> 10 != (first + count - 1) >> 10:  # past a multiple of 1,024 seqs
             self._check_pressure()
-        raw = frame if isinstance(frame, bytes) else frame.encode()
+        raws = [frame if isinstance(frame, bytes) else frame.encode() for frame in frames]
         if self.journal is not None:
-            self.journal.append(FRAME, seq, received_us, connection, raw)
-        self.stats.frames += 1
+            self.journal.extend(FRAME, first, received_us, connection, raws)
+        self.stats.frames += count
         self._last_frame_at = now = time.monotonic()
-        checked = self._bulk and self._skip is None
-        plain = plain_frame(raw, self._naive_tz) if checked else None
-        if plain is None:
-            self._ingest(connection, frame, received_us, seq, now, plain=not checked)
-            return seq
-        contract, exchange_us = plain
-        if self._dedupe and contract in self._dedupe:
-            seen = self._dedupe[contract]
-            if exchange_us in seen:
-                self._quarantine(connection, frame, received_us, seq, DUPLICATE, now)
-                return seq
-            seen.add(exchange_us)
-        day = self._local_day(exchange_us)
-        self._frames.add(seq, received_us, exchange_us, day, contract, raw, now)
-        self.stats.last_message_at[contract] = received_us / 1e6
-        if len(self._frames.seq) == DECODE_FRAMES:  # once: the flusher takes every frame
-            self._wake.set()
-        return seq
+        if not self._bulk or self._skip is not None:
+            for seq, frame in enumerate(frames, first):
+                self._ingest(connection, frame, received_us, seq, now)
+            return first
+        naive_tz, dedupe, local_day = self._naive_tz, self._dedupe, self._local_day
+        seqs: list[int] = []
+        exchange: list[int] = []
+        days: list[str] = []
+        contracts: list[str] = []
+        kept: list[bytes] = []
+        for seq, raw in enumerate(raws, first):
+            plain = plain_frame(raw, naive_tz)
+            if plain is None:
+                self._ingest(connection, frames[seq - first], received_us, seq, now, plain=False)
+                continue
+            contract, exchange_us = plain
+            if dedupe and contract in dedupe:
+                seen = dedupe[contract]
+                if exchange_us in seen:
+                    self._quarantine(connection, raw, received_us, seq, DUPLICATE, now)
+                    continue
+                seen.add(exchange_us)
+            seqs.append(seq)
+            exchange.append(exchange_us)
+            days.append(local_day(exchange_us))
+            contracts.append(contract)
+            kept.append(raw)
+        if seqs:
+            batch = self._frames
+            waiting = len(batch)
+            batch.extend(seqs, received_us, exchange, days, contracts, kept, now)
+            self.stats.last_message_at.update(dict.fromkeys(contracts, received_us / 1e6))
+            if waiting < DECODE_FRAMES <= len(batch):  # once: the flusher takes every frame
+                self._wake.set()
+        return first
 
     def _check_pressure(self) -> None:
         if self.rows_buffered >= self.storage.max_buffered_rows:
@@ -241,7 +266,7 @@ class Pipeline:
         *,
         plain: bool = True,
     ) -> None:
-        # plain=False: on_frame found the frame not plain (or its book not one bulk decoding
+        # plain=False: on_frames found the frame not plain (or its book not one bulk decoding
         # takes): the full rules take it
         message = flatten_fast(frame, self._naive_tz) if plain else None
         if message is None:  # not a plain frame: the full rules decide

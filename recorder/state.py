@@ -64,15 +64,20 @@ class SeqAllocator:
         self._ceiling = start
         self._reserve()
 
-    def _reserve(self) -> None:
-        self._ceiling = self._next - 1 + self._block
+    def _reserve(self, count: int = 1) -> None:
+        """Reserve durably a block from ``_next`` that holds at least ``count`` values."""
+        self._ceiling = self._next - 1 + max(self._block, count)
         write_atomic(self._file, f"{self._ceiling}\n".encode("ascii"))
 
     def next(self) -> int:
+        return self.take(1)
+
+    def take(self, count: int) -> int:
+        """Hand out ``count`` consecutive values; returns the first."""
         value = self._next
-        if value > self._ceiling:
-            self._reserve()
-        self._next = value + 1
+        if value + count - 1 > self._ceiling:
+            self._reserve(count)
+        self._next = value + count
         return value
 
     def ensure_above(self, seq: int) -> None:

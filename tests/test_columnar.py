@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -45,7 +46,20 @@ def feed(count: int, **variants: Any) -> list[bytes]:
     return [stream.next(START + timedelta(seconds=i)).text.encode() for i in range(count)]
 
 
-def record(data_dir: Path, frames: list[bytes], *, bulk: bool, overlap: bool = False) -> Pipeline:
+#: frames handed over together, as the feed hands over those of one socket read: runs of 1
+#: to 1,500 (a run spans the batch's 1,000-frame blocks and the 1,024-seq pressure checks)
+RUNS = (1, 7, 1_500, 2, 250, 999, 64)
+
+
+def record(
+    data_dir: Path,
+    frames: list[bytes],
+    *,
+    bulk: bool,
+    overlap: bool = False,
+    runs: tuple[int, ...] = (1,),
+) -> Pipeline:
+    """Each frame through the pipeline, in ``runs`` of frames received together (cycled)."""
     storage = StorageConfig(data_dir=str(data_dir), flush_interval_seconds=3600, fsync=False)
 
     async def run() -> Pipeline:
@@ -53,9 +67,15 @@ def record(data_dir: Path, frames: list[bytes], *, bulk: bool, overlap: bool = F
         pipeline.start()
         if overlap:
             pipeline.overlap(tuple(c.id for c in make_contracts(30, 7)[:10]), True)
-        for i, frame in enumerate(frames):
-            pipeline.on_frame("conn", frame, RECEIVED + i)
-            if i == len(frames) // 2:
+        start, flushed = 0, False
+        for size in itertools.cycle(runs):
+            if start >= len(frames):
+                break
+            run = frames[start : start + size]
+            assert pipeline.on_frames("conn", list(run), RECEIVED + start) == start + 1
+            start += len(run)
+            if not flushed and start > len(frames) // 2:
+                flushed = True
                 assert await pipeline.flush()
         assert await pipeline.close()
         return pipeline
@@ -80,14 +100,16 @@ def everything(data_dir: Path) -> dict[str, list[tuple[Any, ...]]]:
         ),
     ],
 )
+@pytest.mark.parametrize("runs", [(1,), RUNS], ids=["one-at-a-time", "runs"])
 def test_bulk_decoding_stores_exactly_the_rows_of_the_full_rules(
-    tmp_path: Path, variants: dict[str, Any]
+    tmp_path: Path, variants: dict[str, Any], runs: tuple[int, ...]
 ) -> None:
     """The same frames through DuckDB and through the per-frame rules: the same rows, in
-    every table (quarantine and extras included), partitioned the same way."""
+    every table (quarantine and extras included), partitioned the same way; whether they
+    come one at a time or in runs received together (malformed ones inside a run)."""
     frames = feed(3000, **variants)
-    bulk = record(tmp_path / "bulk", frames, bulk=True)
-    one_by_one = record(tmp_path / "one", frames, bulk=False)
+    bulk = record(tmp_path / "bulk", frames, bulk=True, runs=runs)
+    one_by_one = record(tmp_path / "one", frames, bulk=False, runs=runs)
 
     plain = sum(plain_frame(f, TEHRAN) is not None for f in frames)
     assert plain > 1000
@@ -154,11 +176,15 @@ def test_books_bulk_decoding_does_not_take_are_stored_as_the_full_rules_store_th
     assert {(1, 2, 3, 4), (2, 1), (3, 2, 1), (1, 3), (3,), (1, 2)} <= shown
 
 
-def test_overlap_duplicates_are_quarantined_on_the_bulk_path(tmp_path: Path) -> None:
-    """While two streams overlap, a repeated (contract, timestamp) is quarantined once."""
+@pytest.mark.parametrize("runs", [(1,), (150, 50)], ids=["one-at-a-time", "runs"])
+def test_overlap_duplicates_are_quarantined_on_the_bulk_path(
+    tmp_path: Path, runs: tuple[int, ...]
+) -> None:
+    """While two streams overlap, a repeated (contract, timestamp) is quarantined once, also
+    when the repeat comes in the same run of frames as the first."""
     frames = feed(200)
     repeated = frames[:100] + frames[:100]
-    bulk = record(tmp_path / "bulk", repeated, bulk=True, overlap=True)
+    bulk = record(tmp_path / "bulk", repeated, bulk=True, overlap=True, runs=runs)
 
     con = recorder.connect(tmp_path / "bulk")
     duplicates = con.execute(
@@ -432,6 +458,38 @@ def test_a_batch_keeps_its_frames_where_the_garbage_collector_does_not_walk() ->
     assert [f for c in chunks for f in c.arrow().column("frame").to_pylist()] == [
         f.decode() for f in frames
     ]
+
+
+def test_frames_added_together_make_the_batch_adding_each_makes() -> None:
+    """``extend`` (a socket read's frames) fills the columns, the 1,000-frame blocks and the
+    frames' offsets exactly as ``add`` of each frame in turn does."""
+    frames = feed(3_100)
+    plain = [plain_frame(f, TEHRAN) for f in frames]
+    one_by_one, together = FrameBatch(), FrameBatch()
+    for i, (frame, checked) in enumerate(zip(frames, plain, strict=True)):
+        assert checked is not None
+        one_by_one.add(i + 1, RECEIVED, checked[1], f"d{i % 3}", checked[0], frame, 5.0)
+    start = 0
+    for size in itertools.cycle(RUNS):
+        if start >= len(frames):
+            break
+        run = range(start, min(start + size, len(frames)))
+        together.extend(
+            [i + 1 for i in run],
+            RECEIVED,
+            [plain[i][1] for i in run],  # type: ignore[index]
+            [f"d{i % 3}" for i in run],
+            [plain[i][0] for i in run],  # type: ignore[index]
+            frames[run.start : run.stop],
+            5.0,
+        )
+        start = run.stop
+    columns = ("seq", "received", "exchange", "day", "contract", "blocks", "block_stops")
+    for name in (*columns, "open", "ends", "size", "started"):
+        assert getattr(together, name) == getattr(one_by_one, name), name
+    assert list(together.block_stops) == [1_000, 2_000, 3_000]
+    assert together.frames == frames
+    assert together.arrow().equals(one_by_one.arrow())
 
 
 def test_a_flush_decodes_a_big_backlog_a_batch_at_a_time_with_the_same_rows(

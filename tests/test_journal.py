@@ -85,6 +85,31 @@ def test_one_write_is_one_block_record_that_reads_back_as_every_record_queued(
     assert (journal.written_seq, journal.backlog_bytes) == (len(queued), 0)
 
 
+def test_frames_queued_together_read_back_as_frames_queued_one_by_one(tmp_path: Path) -> None:
+    """``extend`` (the frames of one socket read) queues what ``append`` of each would:
+    consecutive seqs, one receive time and connection, between records appended alone."""
+    frames = [b'{"contractId":"%d"}' % i for i in range(2_500)]
+    journal = Journal(tmp_path, fsync=False, write_interval=0.01)
+    journal.append(EVENT, 1, 900, "conn-1", b'{"event": "x"}')
+    journal.extend(FRAME, 2, 1_000, "conn-1", frames[:1])
+    journal.extend(FRAME, 3, 1_001, "conn-1", frames[1:2_400])
+    journal.append(SNAPSHOT, 2_402, 1_002, "conn-2", b'{"s": 1}')
+    journal.extend(FRAME, 2_403, 1_003, "conn-2", frames[2_400:])
+    assert journal.backlog_bytes == sum(map(len, frames)) + 14 + 8
+    journal.start()
+    journal.close()
+
+    found = list(Journal(tmp_path).recover())[1:]  # after the segment's checkpoint
+    assert found == [
+        Record(EVENT, 1, 900, "conn-1", b'{"event": "x"}'),
+        Record(FRAME, 2, 1_000, "conn-1", frames[0]),
+        *(Record(FRAME, 2 + i, 1_001, "conn-1", frames[i]) for i in range(1, 2_400)),
+        Record(SNAPSHOT, 2_402, 1_002, "conn-2", b'{"s": 1}'),
+        *(Record(FRAME, 3 + i, 1_003, "conn-2", frames[i]) for i in range(2_400, 2_500)),
+    ]
+    assert journal.written_seq == 2_502
+
+
 def test_a_block_counts_each_sessions_frames_as_record_by_record_would(tmp_path: Path) -> None:
     """Frames are counted per open session between the events that open and close them."""
     queued = _queued(200)

@@ -93,11 +93,12 @@ def run_feed(
         async with aiohttp.ClientSession() as session:
             tokens = TokenProvider(session, auth, credentials)
 
-            def on_frame(session_id: str, frame: bytes | str, received_us: int) -> None:
-                result.frames.append((session_id, orjson.loads(frame)["contractId"]))
+            def on_frames(session_id: str, frames: list[bytes | str], received_us: int) -> None:
+                for frame in frames:
+                    result.frames.append((session_id, orjson.loads(frame)["contractId"]))
 
             connection = FeedConnection(
-                "t", contracts, config, session, tokens, on_frame, stop, events=events
+                "t", contracts, config, session, tokens, on_frames, stop, events=events
             )
             result = FeedRun(connection, events)
             task = asyncio.create_task(connection.run())

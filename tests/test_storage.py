@@ -317,6 +317,17 @@ def test_seq_never_repeats_after_a_crash(
     assert not set(handed) & set(after)
 
 
+def test_seq_ranges_taken_at_once_are_consecutive_and_reserved_before_use(tmp_path: Path) -> None:
+    """``take(n)`` (the frames of one socket read) hands out n values in a row; a range larger
+    than the block is reserved whole, so a crash never hands out one of its values again."""
+    seqs = SeqAllocator(tmp_path, block=3)
+    assert (seqs.take(2), seqs.take(1), seqs.next(), seqs.take(10)) == (1, 3, 4, 5)
+    assert seqs.last == 14
+    del seqs  # a crash: no close()
+
+    assert SeqAllocator(tmp_path, block=3).next() == 15
+
+
 def test_seq_starts_after_the_highest_file_without_a_state_file(tmp_path: Path) -> None:
     """With no state file the allocator starts after the highest seq any Parquet file names."""
     writer = ParquetWriter(tmp_path, fsync=False)
