@@ -20,6 +20,7 @@ import itertools
 import os
 import threading
 import time
+from array import array
 from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -148,19 +149,15 @@ class Journal:
         self, kind: int, seq: int, received_us: int, connection: str, payload: bytes
     ) -> None:
         """Queue one record (event loop; no I/O, no encoding: the writer packs a BLOCK)."""
-        self._pending.append((kind, seq, received_us, connection, payload))
+        self._pending.append((kind, seq, received_us, connection, [payload]))
         self._queued_bytes += len(payload)
 
     def extend(
         self, kind: int, first_seq: int, received_us: int, connection: str, payloads: list[bytes]
     ) -> None:
         """Queue records of consecutive seqs from ``first_seq``, one per payload, as
-        :meth:`append` does each (event loop; the tuples are built in C)."""
-        repeat = itertools.repeat
-        seqs = range(first_seq, first_seq + len(payloads))
-        self._pending.extend(
-            zip(repeat(kind), seqs, repeat(received_us), repeat(connection), payloads)  # noqa: B905
-        )
+        :meth:`append` of each would; ``payloads`` is the journal's from now on."""
+        self._pending.append((kind, first_seq, received_us, connection, payloads))
         self._queued_bytes += sum(map(len, payloads))
 
     def release(self, below_seq: int) -> None:
@@ -211,7 +208,7 @@ class Journal:
     def _write_pending(self) -> None:
         pending = self._pending
         chunk, self._retry = self._retry, []
-        # popleft called by C code, as many times as there were records a moment ago
+        # popleft called by C code, as many times as there were runs a moment ago
         chunk.extend(itertools.islice(iter(pending.popleft, None), len(pending)))
         if not chunk:
             return
@@ -219,11 +216,9 @@ class Journal:
             self._rotate(chunk[0][1])
         assert self._file is not None
         before = self._file_bytes
-        columns = list(zip(*chunk, strict=True))
-        kinds = bytes(columns[0])
-        seqs, received, connections, payloads = columns[1:]
+        kinds, seqs, received, connections, payloads = _columns(chunk)
         try:
-            for first in range(0, len(chunk), BLOCK_RECORDS):
+            for first in range(0, len(seqs), BLOCK_RECORDS):
                 block = slice(first, first + BLOCK_RECORDS)
                 parts = encode_block(
                     kinds[block], seqs[block], received[block], connections[block], payloads[block]
@@ -317,6 +312,25 @@ class Journal:
         os.replace(tmp, target)
         fsync_dir(archive)
         path.unlink()
+
+
+def _columns(
+    runs: list[Pending],
+) -> tuple[bytes, array[int], array[int], list[str], list[bytes]]:
+    """The records of queued runs, column by column (a few C calls per run)."""
+    kinds = bytearray()
+    seqs, received = array("q"), array("q")
+    connections: list[str] = []
+    payloads: list[bytes] = []
+    repeat = itertools.repeat
+    for kind, first, received_us, connection, items in runs:
+        count = len(items)
+        kinds += bytes((kind,)) * count
+        seqs.extend(range(first, first + count))
+        received.extend(repeat(received_us, count))
+        connections.extend(repeat(connection, count))
+        payloads.extend(items)
+    return bytes(kinds), seqs, received, connections, payloads
 
 
 def _write_all(fd: int, parts: list[bytes]) -> int:

@@ -44,9 +44,10 @@ _RECORD_COLUMNS_BYTES = 1 + 8 + 8 + 2 + 4
 BLOCK_RECORDS = 512
 #: BLOCK columns are written little-endian whatever the machine
 _SWAP = sys.byteorder != "little"
-#: a record queued by the event loop: (kind, seq, received_us, connection, payload); a plain
-#: tuple, since the event loop makes one per frame
-Pending = tuple[int, int, int, str, bytes]
+#: records queued by the event loop, a run of one kind, connection and receive time:
+#: (kind, first seq, received_us, connection, payloads), the seqs following the first; a plain
+#: tuple per run (the frames of one socket read), not one object per record
+Pending = tuple[int, int, int, str, list[bytes]]
 
 
 @dataclass(frozen=True, slots=True)
