@@ -3,9 +3,9 @@
 Each :class:`FeedConnection` opens ``{base_url}/live/data/websocket/contract/{id|name}`` with
 the contracts as repeated query parameters and the Authorization header, hands the frames
 to ``on_frames`` the moment they arrive (those parsed from one socket read together), and
-reconnects with capped exponential backoff and
-full jitter (tenacity) on any end that is not a stop. On a stop it sends the closing
-handshake and keeps every frame the server sends before its own close frame.
+reconnects with capped exponential backoff and full jitter (tenacity) on any end that is not
+a stop. On a stop it sends the closing handshake and keeps every frame the server sends
+before its own close frame.
 
 Fault policy: heartbeat pings find dead TCP connections; the no-data watchdog
 (``feed.stale_after_seconds``) closes a stream that sent nothing for that long, giving every
