@@ -33,7 +33,7 @@ from recorder.schema import SOURCE_STREAM, TABLES
 from recorder.writer import ParquetWriter, WrittenFile
 
 if TYPE_CHECKING:
-    from recorder.pipeline import Stats
+    from recorder.intake import Stats
 
 #: frames decoded together at most: a flush after the readers paused may hold hundreds of
 #: thousands, and DuckDB's working memory grows with the batch (a bigger batch decodes

@@ -28,7 +28,8 @@ from recorder.columnar import (
 )
 from recorder.config import StorageConfig
 from recorder.flushing import DECODE_CHUNK_FRAMES, ROWS_PER_FRAME
-from recorder.pipeline import DECODE_FRAMES, Pipeline
+from recorder.intake import DECODE_FRAMES
+from recorder.pipeline import Pipeline
 from recorder.plain import plain_frame
 from recorder.schema import TABLES
 from recorder.simdata import FeedVariants, Market, Subscription, make_contracts
