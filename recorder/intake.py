@@ -159,8 +159,6 @@ class Intake:
         """
         count = len(frames)
         first = self._seq.take(count)
-        if (first - 1) >> 10 != (first + count - 1) >> 10:  # past a multiple of 1,024 seqs
-            self._check_pressure()
         raws = [frame if isinstance(frame, bytes) else frame.encode() for frame in frames]
         if self.journal is not None:
             self.journal.extend(FRAME, first, received_us, connection, raws)
@@ -169,6 +167,7 @@ class Intake:
         if not self._bulk or self._skip is not None:
             for seq, frame in enumerate(frames, first):
                 self._ingest(connection, frame, received_us, seq, now)
+            self._check_pressure()
             return first
         naive_tz, dedupe, local_day = self._naive_tz, self._dedupe, self._local_day
         seqs: list[int] = []
@@ -200,6 +199,9 @@ class Intake:
             self.stats.last_message_at.update(dict.fromkeys(contracts, received_us / 1e6))
             if waiting < DECODE_FRAMES <= len(batch):  # once: the flusher takes every frame
                 self._wake.set()
+        # once a call, after its frames joined: a full memory stops the readers before their
+        # next read (this read's frames are in already; TCP holds the server back)
+        self._check_pressure()
         return first
 
     def on_snapshot(self, connection: str, message: bytes, received_us: int) -> int:
