@@ -3,11 +3,12 @@
 Layout: ``{data_dir}/_journal/{first_seq:020d}.jnl`` segments, each a sequence of records
 (:mod:`recorder.records`).
 
-The event loop only queues a tuple per record; one writer thread packs what is queued into
-a BLOCK (:mod:`recorder.records`) and writes it to the segment every ``write_interval`` (so
-a ``kill -9`` loses at most that much) and fdatasyncs it every ``fsync_interval`` (so a
-power loss loses at most that much). Segments whose frames are all in Parquet are removed,
-or compressed into ``_journal/archive`` and kept for ``retention_days``.
+The event loop only queues a tuple per run of records (the frames of one socket read); one
+writer thread packs what is queued into a BLOCK (:mod:`recorder.records`) and writes it to
+the segment every ``write_interval`` (so a ``kill -9`` loses at most that much) and
+fdatasyncs it every ``fsync_interval`` (so a power loss loses at most that much). Segments
+whose frames are all in Parquet are removed, or compressed into ``_journal/archive`` and
+kept for ``retention_days``.
 
 Reading checks every record's CRC; a torn or corrupt tail is cut off with a warning that
 says how many bytes, and never stops anything.
