@@ -357,6 +357,27 @@ def test_readers_pause_while_memory_is_full_and_nothing_is_lost(
     assert rec.pipeline.stats.flushes >= 3
 
 
+def test_the_frames_of_one_read_that_fill_memory_stop_the_readers_at_once(
+    tmp_path: Path,
+) -> None:
+    """The memory check runs after each call's frames joined: one read that fills
+    ``max_buffered_rows`` marks the pipeline full before the reader's next read."""
+    frames = feed(300)
+    storage = StorageConfig(
+        data_dir=str(tmp_path), flush_interval_seconds=3600, fsync=False, max_buffered_rows=500
+    )
+
+    async def run() -> tuple[bool, bool, int]:
+        pipeline = Pipeline(tmp_path, storage, TEHRAN, TEHRAN, None)
+        pipeline.on_frames("conn", frames[:10], RECEIVED)  # ~35 rows: room left
+        before = pipeline.full
+        pipeline.on_frames("conn", frames[10:], RECEIVED)  # 290 frames, ~1,000 rows
+        assert pipeline.rows_buffered >= 500
+        return before, pipeline.full, pipeline.stats.pauses
+
+    assert asyncio.run(run()) == (False, True, 1)
+
+
 def test_a_quiet_feed_is_written_at_once_not_after_the_flush_interval(
     simulator: Any, tmp_path: Path
 ) -> None:
