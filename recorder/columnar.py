@@ -2,11 +2,12 @@
 
 On the event loop a plain frame (:func:`recorder.plain.plain_frame`: checked in C by
 msgspec, so its rows are exactly what :func:`~recorder.flatten.flatten` would give) costs a
-few list appends in a :class:`FrameBatch`. In the writer thread, :class:`Decoder` hands the
-batch to DuckDB, which parses the JSON and builds every table's columns in C++ without the
-GIL; rows then travel as Arrow tables (:data:`PARTS_SCHEMA` order: the partition columns
-(:data:`DATE` and :data:`CONTRACT`) first, then the file columns) until :func:`partitions` cuts them
-into one slice per Parquet file.
+few list appends, and the frames of one socket read join a :class:`FrameBatch` together. In
+the writer thread, :class:`Decoder` hands the batch to DuckDB, which parses the JSON and
+builds every table's columns in C++ without the GIL; rows then travel as Arrow tables
+(:data:`PARTS_SCHEMA` order: the partition columns (:data:`DATE` and :data:`CONTRACT`)
+first, then the file columns) until :func:`partitions` cuts them into one slice per Parquet
+file.
 """
 
 from __future__ import annotations
@@ -88,32 +89,6 @@ class FrameBatch:
     def __len__(self) -> int:
         return len(self.seq)
 
-    def add(
-        self,
-        seq: int,
-        received_us: int,
-        exchange_us: int,
-        day: str,
-        contract: str,
-        frame: bytes,
-        now: float,
-    ) -> None:
-        if self.started is None:
-            self.started = now
-        self.seq.append(seq)
-        self.received.append(received_us)
-        self.exchange.append(exchange_us)
-        self.day.append(day)
-        self.contract.append(intern(contract))
-        self.size = size = self.size + len(frame)
-        self.ends.append(size)
-        current = self.open
-        current.append(frame)
-        if len(current) == BLOCK_FRAMES:
-            self.blocks.append(b"".join(current))
-            self.block_stops.append(len(self.seq))
-            self.open = []
-
     def extend(
         self,
         seqs: list[int],
@@ -124,7 +99,7 @@ class FrameBatch:
         frames: list[bytes],
         now: float,
     ) -> None:
-        """:meth:`add` of each frame, received together (C loops, no call per frame)."""
+        """Add frames received together, in order (C loops, no call per frame)."""
         if self.started is None:
             self.started = now
         count = len(seqs)

@@ -462,7 +462,7 @@ def test_a_batch_keeps_its_frames_where_the_garbage_collector_does_not_walk() ->
         plain = plain_frame(frame, TEHRAN)
         assert plain is not None
         contract = plain[0].encode().decode()  # a str object of its own, as decoding gives
-        batch.add(i + 1, RECEIVED + i, plain[1], "2026-03-20", contract, frame, 0.0)
+        batch.extend([i + 1], RECEIVED + i, [plain[1]], ["2026-03-20"], [contract], [frame], 0.0)
     contracts = {plain_frame(f, TEHRAN)[0] for f in frames}  # type: ignore[index]
     visited = {id(o) for part in gc.get_referents(batch) for o in gc.get_referents(part)}
     assert len(visited) < 2 * len(contracts) + 100  # not per frame: 3,000 frames
@@ -483,14 +483,16 @@ def test_a_batch_keeps_its_frames_where_the_garbage_collector_does_not_walk() ->
 
 
 def test_frames_added_together_make_the_batch_adding_each_makes() -> None:
-    """``extend`` (a socket read's frames) fills the columns, the 1,000-frame blocks and the
-    frames' offsets exactly as ``add`` of each frame in turn does."""
+    """Frames added in runs (a socket read's frames) fill the columns, the 1,000-frame
+    blocks and the frames' offsets exactly as adding each frame in turn does."""
     frames = feed(3_100)
     plain = [plain_frame(f, TEHRAN) for f in frames]
     one_by_one, together = FrameBatch(), FrameBatch()
     for i, (frame, checked) in enumerate(zip(frames, plain, strict=True)):
         assert checked is not None
-        one_by_one.add(i + 1, RECEIVED, checked[1], f"d{i % 3}", checked[0], frame, 5.0)
+        one_by_one.extend(
+            [i + 1], RECEIVED, [checked[1]], [f"d{i % 3}"], [checked[0]], [frame], 5.0
+        )
     start = 0
     for size in itertools.cycle(RUNS):
         if start >= len(frames):
@@ -525,7 +527,7 @@ def test_a_flush_decodes_a_big_backlog_a_batch_at_a_time_with_the_same_rows(
     for i, frame in enumerate(frames):
         plain = plain_frame(frame, TEHRAN)
         assert plain is not None
-        batch.add(i + 1, RECEIVED + i, plain[1], "d", plain[0], frame, 0.0)
+        batch.extend([i + 1], RECEIVED + i, [plain[1]], ["d"], [plain[0]], [frame], 0.0)
     chunks = batch.chunks(DECODE_CHUNK_FRAMES)
     assert [len(c) for c in chunks] == [DECODE_CHUNK_FRAMES, 700]
     assert [s for c in chunks for s in c.seq] == list(batch.seq)
