@@ -189,7 +189,8 @@ def hot_path_alone() -> dict[str, Any]:
 
     from recorder.flatten import flatten
     from recorder.records import FRAME, encode
-    from recorder.simdata import FeedVariants, Market, Subscription, make_contracts
+    from recorder.simcontracts import FeedVariants, make_contracts
+    from recorder.simmarket import Market, Subscription
 
     contracts = make_contracts(CONTRACTS, 0)
     subscription = Subscription(Market(contracts, 0, FeedVariants()), contracts[:50], "id", 0)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from recorder.simdata import Contract
+from recorder.simcontracts import Contract
 
 if TYPE_CHECKING:
     from recorder.simulator import Simulator

@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import WSMsgType, web
 from aiohttp.abc import AbstractStreamWriter
 
-from recorder.simdata import Endpoint, Message, Subscription, text_frame
+from recorder.simcontracts import Endpoint, text_frame
+from recorder.simmarket import Message, Subscription
 
 if TYPE_CHECKING:
     from recorder.simulator import RefuseWith, Simulator

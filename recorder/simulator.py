@@ -19,17 +19,16 @@ import orjson
 from aiohttp import web
 from yarl import URL
 
-from recorder.simdata import (
+from recorder.simcontracts import (
     Contract,
     Endpoint,
     FeedVariants,
     IdKey,
-    Market,
-    Subscription,
     TimestampStyle,
     make_contracts,
     new_contract,
 )
+from recorder.simmarket import Market, Subscription
 from recorder.simrest import RestEndpoints, exchange_clock_now
 from recorder.simstream import STREAM_PATH, SentFrame, Streams
 

@@ -21,7 +21,8 @@ from zoneinfo import ZoneInfo
 from recorder import allocators
 from recorder.config import StorageConfig
 from recorder.pipeline import Pipeline
-from recorder.simdata import FeedVariants, Market, Subscription, make_contracts
+from recorder.simcontracts import FeedVariants, make_contracts
+from recorder.simmarket import Market, Subscription
 
 def rss_mb():
     with open("/proc/self/status") as status:

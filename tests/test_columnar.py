@@ -32,7 +32,8 @@ from recorder.intake import DECODE_FRAMES
 from recorder.pipeline import Pipeline
 from recorder.plain import plain_frame
 from recorder.schema import TABLES
-from recorder.simdata import FeedVariants, Market, Subscription, make_contracts
+from recorder.simcontracts import FeedVariants, make_contracts
+from recorder.simmarket import Market, Subscription
 from tests.conftest import make_config, record_until
 
 TEHRAN = ZoneInfo("Asia/Tehran")

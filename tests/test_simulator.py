@@ -17,15 +17,14 @@ import orjson
 import pytest
 from aiohttp import WSMsgType
 
-from recorder.simdata import (
+from recorder.simcontracts import (
     FAULT_KINDS,
     SECTIONS,
     FeedVariants,
-    Market,
-    Subscription,
     format_timestamp,
     make_contracts,
 )
+from recorder.simmarket import Market, Subscription
 from recorder.simrunner import SimulatorThread
 from recorder.simulator import SimulatorOptions
 
