@@ -56,7 +56,7 @@ STEPS = (
         "batching (intake, pipeline, columnar)",
         re.compile(r"recorder/(intake|pipeline|columnar)\.py"),
     ),
-    ("read loop", re.compile(r"recorder/(feed|wsqueue)\.py")),
+    ("read loop", re.compile(r"recorder/(feed|streams|wsqueue)\.py")),
     ("flush work, the rest", re.compile(r"recorder/flushing\.py")),
     ("event loop (asyncio)", re.compile(r"asyncio/")),
     ("import / start-up", re.compile(r"importlib")),

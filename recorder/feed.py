@@ -22,15 +22,14 @@ import asyncio
 import contextlib
 import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal
 
 import aiohttp
 import structlog
 from aiohttp import WSMsgType
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
-from tenacity.wait import wait_base
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 from yarl import URL
 
 from recorder.auth import TokenProvider
@@ -39,58 +38,29 @@ from recorder.errors import AllRefusedError, TransientError
 from recorder.events import FeedEvents, NoEvents
 from recorder.logs import scrub
 from recorder.refusals import StreamRefused, all_refused_message, find_refused, next_step
+from recorder.streams import (
+    Backpressure,
+    ConnectionStats,
+    FrameSink,
+    close_text,
+    now_us,
+    reconnect_wait,
+    refusal_answer,
+    stream_url,
+)
 from recorder.wsqueue import Parsed
 
 log = structlog.get_logger("recorder.feed")
 
 _Socket = aiohttp.ClientWebSocketResponse[Literal[False]]
-#: takes (session id, frames received together in order, their receive time in µs)
-FrameSink = Callable[[str, list[bytes | str], int], object]
 _POLICY_VIOLATION = 1008
 _EXPIRY_SLACK_SECONDS = 1.0  # a 1008 this close to the token's exp is the expiry
 _STALE_GROWTH_MAX = 3  # the watchdog period doubles at most this many times
 _ENDS = (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING, WSMsgType.ERROR)
 
 
-def stream_url(base_url: str, subscribe_by: str, contracts: Sequence[str]) -> URL:
-    """The stream endpoint with one ``contract_id``/``contract_name`` parameter per contract."""
-    param = "contract_id" if subscribe_by == "id" else "contract_name"
-    endpoint = f"{base_url.rstrip('/')}/live/data/websocket/contract/{subscribe_by}"
-    return URL(endpoint).with_query([(param, c) for c in contracts])
-
-
-def split_contracts(contracts: Sequence[str], per_connection: int) -> list[tuple[str, ...]]:
-    """Groups of at most ``per_connection`` contracts, in the given order."""
-    return [
-        tuple(contracts[i : i + per_connection]) for i in range(0, len(contracts), per_connection)
-    ]
-
-
-def reconnect_wait(config: FeedConfig) -> wait_base:
-    """Full-jitter exponential backoff: uniform in [0, 0.5 * 2^(n-1)] s, capped by the config."""
-    return wait_random_exponential(multiplier=0.5, max=config.reconnect_max_seconds)
-
-
-def now_us() -> int:
-    return time.time_ns() // 1000
-
-
 class _Stopped(Exception):
     """The daemon is stopping: leave the reconnect loop."""
-
-
-@dataclass
-class ConnectionStats:
-    """What one connection has done (read by status lines and metrics)."""
-
-    sessions: int = 0
-    frames: int = 0
-    open: bool = False
-    reconnects: int = 0
-    last_close: str = ""
-    probes: int = 0
-    stale_closes: int = 0
-    rejected: tuple[str, ...] = ()
 
 
 @dataclass
@@ -106,14 +76,6 @@ class _Session:
     frames: int = 0
     announced: bool = False
     close_reason: str = ""
-
-
-class Backpressure(Protocol):
-    """What a frame sink tells the readers: ``full`` means stop reading until ``room()``."""
-
-    full: bool
-
-    async def room(self) -> None: ...
 
 
 class FeedConnection:
@@ -276,11 +238,11 @@ class FeedConnection:
             quick = time.monotonic() - s.opened < self.config.refusal_probe_seconds
             exp = valid_until if valid_until is not None else -1.0
             expired = connected_at < exp <= time.time() + _EXPIRY_SLACK_SECONDS
-            answer = _refusal_answer(s.close_reason)
+            answer = refusal_answer(s.close_reason)
             at_once = s.frames == 0 and quick
             raise StreamRefused(answer, code=code, at_once=at_once, expired=expired, stable=stable)
         self._relogged = False
-        reason = f"no data for {period:g} s" if stale else s.close_reason or _close_text(code)
+        reason = f"no data for {period:g} s" if stale else s.close_reason or close_text(code)
         if stale:
             self.stats.stale_closes += 1
             self._log.warning("no data; reconnecting", session=s.id, idle_seconds=period)
@@ -306,7 +268,7 @@ class FeedConnection:
                 tasks, timeout=probe_for, return_when=asyncio.FIRST_COMPLETED
             )
             if reader.done():
-                ended, reason = "server", s.close_reason or _close_text(ws.close_code)
+                ended, reason = "server", s.close_reason or close_text(ws.close_code)
             elif self._stop.is_set():
                 ended, reason = "stop", "shutdown"
             elif watchdog in done:
@@ -420,13 +382,5 @@ class FeedConnection:
         if ended == "timeout":
             return None
         if ws.close_code == _POLICY_VIOLATION:
-            return _refusal_answer(s.close_reason)
-        raise TransientError(f"probe stream: {_close_text(ws.close_code)}", code=ws.close_code)
-
-
-def _refusal_answer(close_reason: str) -> str:
-    return "close code 1008 (policy violation)" + (f": {close_reason}" if close_reason else "")
-
-
-def _close_text(code: int | None) -> str:
-    return "connection lost" if code in (None, 1006) else f"closed with code {code}"
+            return refusal_answer(s.close_reason)
+        raise TransientError(f"probe stream: {close_text(ws.close_code)}", code=ws.close_code)

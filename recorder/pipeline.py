@@ -57,7 +57,7 @@ class Pipeline(Intake):
         self._in_flight_min_seq: int | None = None  # taken by a decode or flush under way
         self._in_flight_rows = 0
         self._last_flush_seconds = 0.0
-        #: readers stop while ``full`` (recorder.feed.Backpressure): memory stays bounded
+        #: readers stop while ``full`` (recorder.streams.Backpressure): memory stays bounded
         self.full = False
         self._room = asyncio.Event()
         self._stopping = asyncio.Event()

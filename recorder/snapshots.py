@@ -14,10 +14,10 @@ import orjson
 import structlog
 
 from recorder.errors import FeedError
-from recorder.feed import now_us
 from recorder.pipeline import Pipeline
 from recorder.reference import snapshot_message
 from recorder.rest import RestClient
+from recorder.streams import now_us
 
 log = structlog.get_logger("recorder.snapshots")
 

@@ -11,7 +11,7 @@ from structlog.testing import capture_logs
 import recorder
 from recorder.config import Credentials, Secret
 from recorder.errors import AllRefusedError
-from recorder.feed import split_contracts, stream_url
+from recorder.streams import split_contracts, stream_url
 from tests.conftest import make_config, record_until
 
 

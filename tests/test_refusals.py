@@ -18,9 +18,10 @@ from tenacity import AsyncRetrying, RetryCallState
 from recorder.auth import TokenProvider, jwt_expiry
 from recorder.config import AuthConfig, Credentials, FeedConfig, Secret
 from recorder.errors import AllRefusedError, AuthError
-from recorder.feed import FeedConnection, reconnect_wait
+from recorder.feed import FeedConnection
 from recorder.refusals import StreamRefused, all_refused_message, find_refused, next_step
 from recorder.simrunner import SimulatorThread
+from recorder.streams import reconnect_wait
 from tests.conftest import DEMO, make_config, record_until
 
 VALID = ("1001", "1002", "1003")
