@@ -1,8 +1,9 @@
 """Compaction runs: ``ime-recorder compact``, and the daemon's compaction of each closed date.
 
-:class:`recorder.compactor.Compactor` rewrites one partition; a run picks the partitions
-(those of the closed dates, or of the dates asked for), removes what a crashed run left,
-skips partitions already compacted (so a second run changes nothing) and shows progress.
+:class:`recorder.compactor.Compactor` rewrites one partition (a date folder holding day files
+through :class:`recorder.datefold.DateFold`); a run picks the partitions (those of the closed
+dates, or of the dates asked for), removes what a crashed run left, skips partitions already
+compacted (so a second run changes nothing) and shows progress.
 One run at a time per data directory (a lock file in ``_state``). Compacted files are written
 at zstd level 19 (``recorder.packing.COMPRESSION_LEVEL``): 1.7 times the CPU of level 9
 for 2 % fewer bytes, affordable once per partition and off the recording's path.

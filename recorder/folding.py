@@ -1,10 +1,11 @@
 """What compaction reads: the files of a partition folder and the rows of a date fold.
 
-:class:`recorder.compactor.Compactor` swaps folders; this module lists them
-(:func:`visible_files`, :func:`list_date`), plans what a date fold does with each contract
-folder (:func:`plan_fold`) and reads the rows each new file holds (:func:`read_days`,
-:func:`contract_rows`, :func:`read_sorted`; :func:`conform` gives a file's rows in the
-table's schema, ``received_at`` included, see :func:`recorder.packing.unpack_received`).
+:class:`recorder.compactor.Compactor` and :class:`recorder.datefold.DateFold` swap folders;
+this module lists them (:func:`visible_files`, :func:`list_date`), plans what a date fold does
+with each contract folder (:func:`plan_fold`) and reads the rows each new file holds
+(:func:`read_days`, :func:`contract_rows`, :func:`read_sorted`; :func:`conform` gives a file's
+rows in the table's schema, ``received_at`` included, see
+:func:`recorder.packing.unpack_received`).
 """
 
 from __future__ import annotations

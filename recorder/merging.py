@@ -4,7 +4,7 @@ Every flush writes one day file per table (see :mod:`recorder.paths`), and compa
 date's day files into contract files only once the date has closed; until then a query on
 today's data opens every flush's footer (17,280 a day at one flush per 5 s). A **merge**
 rewrites runs of a date's day files as one day file each, in the swap of a date fold (see
-:mod:`recorder.compactor`):
+:mod:`recorder.datefold`):
 
 1. list the date folder ``D``; cut its day files, in name (= seq) order, into **runs** of
    contiguous files holding at most ``max_rows`` rows together (:func:`plan_runs`); a run of

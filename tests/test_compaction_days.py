@@ -316,7 +316,7 @@ def test_without_the_exchange_a_second_fallback_run_repairs_a_crash(tmp_path: Pa
         replace(src, dst)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("recorder.compactor.os.replace", crash_on_third)
+        patch.setattr("recorder.datefold.os.replace", crash_on_third)
         with pytest.raises(Crash):
             compact(
                 tmp_path, TEHRAN, now=FUTURE, bar=False, compactor=Compactor(tmp_path, swap=refuse)
