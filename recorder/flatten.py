@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from recorder.errors import FlattenError
-from recorder.schema import SECTION_TABLES, TABLES, Column
+from recorder.schema import SECTION_TABLES, TABLES
 
 ID_KEYS = ("contractId", "ContractId", "contractName")
 CHANNEL = "IME Stream"
@@ -314,14 +314,37 @@ def _levels(section: dict[str, Any], plan: _Plan, extras: list[Extra]) -> list[R
 
 def format_timestamp(exchange_us: int) -> str:
     """The one documented wire form of a replayed timestamp: UTC, microseconds, ``Z``."""
-    moment = _EPOCH + timedelta(microseconds=exchange_us)
-    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
+    second, micro = divmod(exchange_us, 1_000_000)
+    return f"{_second_text(second)}.{micro:06d}Z"
 
 
-def _wire_value(column: Column, value: Any) -> Any:
-    if column.kind in ("date", "time"):
-        return "" if value is None else value.isoformat()
-    return value
+@lru_cache(maxsize=4096)
+def _second_text(second: int) -> str:
+    """``YYYY-MM-DDTHH:MM:SS`` of a UTC second (a replay formats many messages a second)."""
+    return (_EPOCH + timedelta(seconds=second)).replace(tzinfo=None).isoformat()
+
+
+#: per table with a wire section: the section, its fields in row order, and the positions of
+#: its date and time values (sent as text, ``""`` when empty)
+_WAY_BACK = {
+    name: (
+        table.section,
+        tuple(c.field for c in table.wire_columns),
+        tuple(i for i, c in enumerate(table.wire_columns) if c.kind in ("date", "time")),
+    )
+    for name, table in TABLES.items()
+    if table.section is not None
+}
+
+
+def _section(fields: tuple[Any, ...], texts: tuple[int, ...], values: Sequence[Any]) -> Any:
+    """One section (or book level) of a message from its wire-column values."""
+    if texts:
+        values = list(values)
+        for i in texts:
+            value = values[i]
+            values[i] = "" if value is None else value.isoformat()
+    return dict(zip(fields, values, strict=True))
 
 
 def to_message(
@@ -340,20 +363,12 @@ def to_message(
     """
     data: dict[str, Any] = {}
     for table_name, table_rows in rows.items():
-        table = TABLES[table_name]
-        section = table.section
-        assert section is not None, table_name
-        columns = table.wire_columns
-        if table.levels:
-            data[section] = {
-                str(row[0]): {
-                    c.field: _wire_value(c, v) for c, v in zip(columns, row[1:], strict=True)
-                }
-                for row in table_rows
-            }
+        section, fields, texts = _WAY_BACK[table_name]
+        if TABLES[table_name].levels:
+            data[section] = {str(row[0]): _section(fields, texts, row[1:]) for row in table_rows}
         else:
             (row,) = table_rows
-            data[section] = {c.field: _wire_value(c, v) for c, v in zip(columns, row, strict=True)}
+            data[section] = _section(fields, texts, row)
     message: dict[str, Any] = {
         "channel": CHANNEL,
         id_key: contract,

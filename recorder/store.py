@@ -23,6 +23,7 @@ import importlib
 import itertools
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta, tzinfo
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
@@ -64,6 +65,8 @@ _REPLAY_TABLES = (*DATA_TABLES, "extras")
 #: as-of: the look-backs tried first, each for the contracts the previous one did not find
 #: (a busy contract is found in the last minute; the rows of the rest are left unread)
 _ASOF_LOOKBACKS = (timedelta(minutes=1), timedelta(hours=1))
+#: a part's message: (exchange_ts in us, seq)
+_MESSAGE = itemgetter(0, 1)
 
 T = TypeVar("T")
 
@@ -413,8 +416,8 @@ class Store:
         keys = {} if id_key is not None else self.id_keys()
         opened, streams = self._frames(chosen, start, end, snapshots)
         try:
-            merged = heapq.merge(*streams, key=lambda part: (part[0], part[1]))
-            for (us, _), parts in itertools.groupby(merged, key=lambda p: (p[0], p[1])):
+            merged = heapq.merge(*streams, key=_MESSAGE)
+            for (us, _), parts in itertools.groupby(merged, key=_MESSAGE):
                 rows: dict[str, Sequence[Row]] = {}
                 extras: list[Extra] = []
                 contract = ""

@@ -253,11 +253,11 @@ def frames(
     current: Part | None = None
     for batch in reader:
         columns = [batch.column(i).to_pylist() for i in range(batch.num_columns)]
-        for us, seq, contract, *row in zip(*columns, strict=True):
-            if current is None or current[1] != seq:
+        for values in zip(*columns, strict=True):  # us, seq, contract, then the row
+            if current is None or current[1] != values[1]:
                 if current is not None:
                     yield current
-                current = (us, seq, contract, name, [])
-            current[4].append(tuple(row))
+                current = (values[0], values[1], values[2], name, [])
+            current[4].append(values[3:])
     if current is not None:
         yield current

@@ -14,7 +14,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from recorder.errors import FlattenError
-from recorder.flatten import ENVELOPE, ID_KEYS, Flattened, flatten, parse_timestamp, to_message
+from recorder.flatten import (
+    ENVELOPE,
+    ID_KEYS,
+    Flattened,
+    flatten,
+    format_timestamp,
+    parse_timestamp,
+    to_message,
+)
 from recorder.plain import _PLAIN_SHAPE, BULK_LEVELS, flatten_fast, plain_frame
 from recorder.schema import SECTION_TABLES, TABLES
 
@@ -995,3 +1003,13 @@ def test_fast_path_takes_every_plain_valid_message(
     result = fast_agrees(orjson.dumps(frame), naive_tz)
 
     assert (result is not None) == plain
+
+
+@given(st.integers(min_value=-62_135_596_800_000_000, max_value=253_402_300_799_999_999))
+def test_format_timestamp_is_the_utc_iso_form_with_microseconds_and_z(us: int) -> None:
+    """A replayed timestamp is datetime's ISO form of the instant (UTC, 6 digits, Z), any year."""
+    moment = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=us)
+    expected = moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
+    assert format_timestamp(us) == expected
+    if moment.year in range(1970, 9000):  # the years a recorded timestamp may have
+        assert parse_timestamp(format_timestamp(us), UTC) == us
