@@ -326,14 +326,14 @@ def _second_text(second: int) -> str:
 
 #: per table with a wire section: the section, its fields in row order, and the positions of
 #: its date and time values (sent as text, ``""`` when empty)
-_WAY_BACK = {
+_WAY_BACK: dict[str, tuple[str, tuple[str | None, ...], tuple[int, ...]]] = {
     name: (
-        table.section,
+        section,
         tuple(c.field for c in table.wire_columns),
         tuple(i for i, c in enumerate(table.wire_columns) if c.kind in ("date", "time")),
     )
     for name, table in TABLES.items()
-    if table.section is not None
+    if (section := table.section) is not None
 }
 
 
@@ -363,12 +363,12 @@ def to_message(
     """
     data: dict[str, Any] = {}
     for table_name, table_rows in rows.items():
-        section, fields, texts = _WAY_BACK[table_name]
+        name, fields, texts = _WAY_BACK[table_name]
         if TABLES[table_name].levels:
-            data[section] = {str(row[0]): _section(fields, texts, row[1:]) for row in table_rows}
+            data[name] = {str(row[0]): _section(fields, texts, row[1:]) for row in table_rows}
         else:
             (row,) = table_rows
-            data[section] = _section(fields, texts, row)
+            data[name] = _section(fields, texts, row)
     message: dict[str, Any] = {
         "channel": CHANNEL,
         id_key: contract,

@@ -253,11 +253,11 @@ def frames(
     current: Part | None = None
     for batch in reader:
         columns = [batch.column(i).to_pylist() for i in range(batch.num_columns)]
-        for values in zip(*columns, strict=True):  # us, seq, contract, then the row
-            if current is None or current[1] != values[1]:
+        for record in zip(*columns, strict=True):  # us, seq, contract, then the row
+            if current is None or current[1] != record[1]:
                 if current is not None:
                     yield current
-                current = (values[0], values[1], values[2], name, [])
-            current[4].append(values[3:])
+                current = (record[0], record[1], record[2], name, [])
+            current[4].append(record[3:])
     if current is not None:
         yield current
