@@ -23,8 +23,6 @@ from recorder.simcontracts import (
     Contract,
     Endpoint,
     FeedVariants,
-    IdKey,
-    TimestampStyle,
     make_contracts,
     new_contract,
 )
@@ -39,8 +37,9 @@ _T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
-class SimulatorOptions:
-    """Everything a simulator run can vary; the defaults give a plain, well-behaved feed."""
+class SimulatorOptions(FeedVariants):
+    """Everything a simulator run can vary: how messages are rendered (the fields of
+    :class:`FeedVariants`) and the rest below; the defaults give a plain, well-behaved feed."""
 
     host: str = "127.0.0.1"
     port: int = 0
@@ -58,14 +57,6 @@ class SimulatorOptions:
     fast_pool: int = 4096  # distinct pre-encoded frames cycled in fast mode
     fast_batch: int = 256  # frames per transport.write in fast mode
     keep_sent: bool = False
-    id_key: IdKey = "contractId"
-    timestamp_style: TimestampStyle = "z"
-    partial_levels: float = 0.0
-    missing_sections: float = 0.0
-    float_ints: bool = False
-    variant_mix: bool = False
-    malformed: float = 0.0
-    unknown_sections: float = 0.0
     odd_names: bool = False
     clock: Callable[[], datetime] | None = None  # exchange time (UTC); overrides the next two
     start_time: datetime | None = None  # exchange time when the simulator is created
