@@ -6,10 +6,11 @@ import os
 import threading
 from collections.abc import Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 import duckdb
 
-from recorder.paths import is_day_file
+from recorder.paths import is_day_file, is_packed_day_file
 from recorder.schema import RECEIVED_DELAY_COLUMN, TABLES, Table, package_data_dir
 
 
@@ -56,10 +57,8 @@ class FileSchemas:
         with self._lock:
             unknown = [str(f) for f in files if str(f) not in self._complete]
         if unknown:
-            day = set(table.day_schema.names)
-            contract = set(table.contract_schema.names)
             found = {
-                name: (day if table.by_contract and is_day_file(name) else contract) <= set(columns)
+                name: expected_columns(table, name) <= set(columns)
                 for name, columns in _columns(unknown, con)
             }
             with self._lock:
@@ -77,6 +76,18 @@ class FileSchemas:
                 self._settled.add(str(root))
             else:
                 self._settled.discard(str(root))
+
+
+def expected_columns(table: Table, path: Path | str) -> set[str]:
+    """The columns a file of ``table`` holds when written with the current schema, by its
+    kind (see :mod:`recorder.paths` and :func:`split_files`)."""
+    if not table.by_contract or not is_day_file(path):
+        schema = table.contract_schema
+    elif is_packed_day_file(path):
+        schema = table.packed_day_schema
+    else:
+        schema = table.day_schema
+    return set(schema.names)
 
 
 def _columns(
@@ -109,12 +120,21 @@ def table_glob(data_dir: Path, table: Table) -> str:
 
 
 def day_glob(data_dir: Path, table: Table) -> str:
-    """The glob of the day files of ``table``, partitioned by contract (``{table}/date=D/``)."""
-    return str(data_dir.resolve() / table.name / "*" / "*.parquet")
+    """The glob of the day files of ``table``, partitioned by contract (``{table}/date=D/``),
+    but the compacted ones: a flush's name ends in a digit, a compacted day file's in
+    ``.c`` (:func:`packed_day_glob`), so no file is read by both globs."""
+    return str(data_dir.resolve() / table.name / "*" / "*[0-9].parquet")
+
+
+def packed_day_glob(data_dir: Path, table: Table) -> str:
+    """The glob of the compacted day files of ``table``, partitioned by contract
+    (``{table}/date=D/{first}-{last}.c.parquet``, ``received_at`` packed)."""
+    return str(data_dir.resolve() / table.name / "*" / "*.c.parquet")
 
 
 def table_files(data_dir: Path, table: Table) -> list[Path]:
-    """The files :func:`table_glob` and (partitioned by contract) :func:`day_glob` match now."""
+    """The files :func:`table_glob` and (partitioned by contract) :func:`day_glob` and
+    :func:`packed_day_glob` match now."""
     days = [Path(e.path) for e in _entries(data_dir.resolve() / table.name) if e.is_dir()]
     files = []
     for day in days:
@@ -127,13 +147,27 @@ def table_files(data_dir: Path, table: Table) -> list[Path]:
     return files
 
 
-def split_files(table: Table, files: Iterable[Path]) -> tuple[list[Path], list[Path]]:
-    """``files`` of ``table`` as (contract files, day files); see :mod:`recorder.paths`."""
-    contract_files: list[Path] = []
-    day_files: list[Path] = []
+class FileKinds(NamedTuple):
+    """The files of a table by kind (see :mod:`recorder.paths`), each read its own way
+    (:func:`read_sql`). A table not partitioned by contract has only ``contract`` files:
+    its files, compacted or not, hold the same columns."""
+
+    contract: list[Path]
+    day: list[Path]
+    packed_day: list[Path]
+
+
+def split_files(table: Table, files: Iterable[Path]) -> FileKinds:
+    """``files`` of ``table`` by kind, each in the order given."""
+    kinds = FileKinds([], [], [])
     for f in files:
-        (day_files if table.by_contract and is_day_file(f) else contract_files).append(f)
-    return contract_files, day_files
+        if not table.by_contract or not is_day_file(f):
+            kinds.contract.append(f)
+        elif is_packed_day_file(f):
+            kinds.packed_day.append(f)
+        else:
+            kinds.day.append(f)
+    return kinds
 
 
 def _has_files(root: Path, pattern: str) -> bool:
@@ -169,6 +203,7 @@ def read_sql(
     union_by_name: bool,
     day_files: bool = False,
     may_be_empty: bool = False,
+    packed: bool = False,
 ) -> str:
     """``SELECT`` every column of ``table``, typed, from ``read_parquet(source)``.
 
@@ -176,7 +211,8 @@ def read_sql(
     numeric identifiers such as ``012345`` keep their zeros. Without ``union_by_name`` DuckDB
     takes the columns of the first file and fails on a file that lacks one of them (it never
     reads it as something else). ``day_files``: ``source`` names day files, whose folders
-    name only the date and which hold ``contract`` as a column.
+    name only the date and which hold ``contract`` as a column; ``packed``: compacted day
+    files (which are day files too, ``received_at`` packed as in contract files).
 
     ``may_be_empty``: ``source`` is a glob that may match nothing, which then gives no row
     rather than an error (the files are read by name together with a typed empty row set),
@@ -185,14 +221,15 @@ def read_sql(
     from the first file then reads as NULL instead of failing, so it is only for globs whose
     files :class:`FileSchemas` has checked (a file written later has every column).
 
-    Contract files of a table that :attr:`~recorder.schema.Table.packs_received` hold
-    ``received_at - exchange_ts`` (see :mod:`recorder.packing`); ``received_at`` is that
-    plus ``exchange_ts``, or, in a file written before, its own column (such a file lacks a
-    column, so it is read with ``union_by_name``, and the typed empty rows then give each
-    file the column it lacks as NULL).
+    Contract files and compacted day files of a table that
+    :attr:`~recorder.schema.Table.packs_received` hold ``received_at - exchange_ts`` (see
+    :mod:`recorder.packing`); ``received_at`` is that plus ``exchange_ts``, or, in a file
+    written before, its own column (such a file lacks a column, so it is read with
+    ``union_by_name``, and the typed empty rows then give each file the column it lacks as
+    NULL).
     """
-    by_folder = table.by_contract and not day_files
-    delay = by_folder and table.packs_received
+    by_folder = table.by_contract and not (day_files or packed)
+    delay = table.packs_received and (by_folder or packed)
     mixed = may_be_empty or union_by_name
     columns = ", ".join(_column_sql(c.name, c.type, delay, mixed) for c in table.columns)
     hive_types = "{'date': 'DATE'" + (", 'contract': 'VARCHAR'}" if by_folder else "}")
@@ -221,14 +258,27 @@ def layered_sql(
     day_source: str | None,
     union_by_name: bool,
     may_be_empty: bool = False,
+    packed_day_source: str | None = None,
 ) -> str:
-    """``SELECT`` every row of ``table`` from its contract files and its day files (a source
-    is None when there is nothing to read); ``may_be_empty``: see :func:`read_sql`."""
+    """``SELECT`` every row of ``table`` from its contract files, its day files and its
+    compacted day files (a source is None when there is nothing to read); ``may_be_empty``:
+    see :func:`read_sql`.
+
+    DuckDB lists the sources in this order, one after the other: a compaction replaces
+    files of the earlier kinds with files of a later one (day files by contract files in
+    the ``contract`` layout, see :mod:`recorder.datefold`; every file of a date by one
+    compacted day file in the ``date`` layout, :mod:`recorder.dayfold`). A query that lists
+    the old kinds before a swap and the new one after it then opens an old file that is
+    gone and fails, rather than missing rows or reading them twice.
+    """
     selects = []
     if contract_source:
         selects.append(read_sql(table, contract_source, union_by_name, False, may_be_empty))
     if day_source:
         selects.append(read_sql(table, day_source, union_by_name, True, may_be_empty))
+    if packed_day_source:
+        packed = read_sql(table, packed_day_source, union_by_name, True, may_be_empty, True)
+        selects.append(packed)
     return " UNION ALL ".join(selects) if selects else empty_sql(table)
 
 
@@ -254,12 +304,14 @@ def view_sql(
         files = table_files(data_dir, table) if files is None else files
         union = SCHEMAS.check(table, files, con) if files else False
         SCHEMAS.listed(root, files, union)
+    by_contract = table.by_contract
     select = layered_sql(
         table,
         _quote(table_glob(data_dir, table)),
-        _quote(day_glob(data_dir, table)) if table.by_contract else None,
+        _quote(day_glob(data_dir, table)) if by_contract else None,
         union,
         may_be_empty=True,
+        packed_day_source=_quote(packed_day_glob(data_dir, table)) if by_contract else None,
     )
     return f"CREATE OR REPLACE VIEW {table.name} AS {select}"
 

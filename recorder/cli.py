@@ -271,7 +271,21 @@ def _existing_dir(data_dir: str) -> Path:
     "--date", "dates", multiple=True, help="Only this date, YYYY-MM-DD (repeatable); any date."
 )
 @click.option("--timezone", default="Asia/Tehran", show_default=True, help=_TIMEZONE_HELP)
-def compact(data_dir: str, dates: tuple[str, ...], timezone: str) -> None:
+@click.option(
+    "--layout",
+    type=click.Choice(["contract", "date"]),
+    default="contract",
+    show_default=True,
+    help="compaction.layout of the recording: one file per contract, or per table and date.",
+)
+@click.option(
+    "--convert",
+    is_flag=True,
+    help="Also rewrite the dates already compacted in the other layout.",
+)
+def compact(
+    data_dir: str, dates: tuple[str, ...], timezone: str, layout: str, convert: bool
+) -> None:
     """Rewrite each partition of every closed date as one sorted file (safe while recording)."""
     from datetime import date
 
@@ -284,7 +298,10 @@ def compact(data_dir: str, dates: tuple[str, ...], timezone: str) -> None:
         _fail(f"--date: {exc}")
         return
     logs.configure("info", "auto")
-    result = run_compaction(root, zone, days=days)
+    from recorder.compactor import Compactor
+
+    compactor = Compactor(root, layout="date" if layout == "date" else "contract", convert=convert)
+    result = run_compaction(root, zone, days=days, compactor=compactor)
     for problem in result.problems:
         click.echo(f"PROBLEM: {problem}", err=True)
     click.echo(

@@ -32,7 +32,7 @@ from pathlib import Path
 import pyarrow as pa
 import structlog
 
-from recorder.compactor import Compactor, Outcome, Partition
+from recorder.compactor import Compactor, Layout, Outcome, Partition
 from recorder.packing import COMPRESSION_LEVEL
 from recorder.progress import progress
 from recorder.state import STATE_DIR
@@ -117,7 +117,7 @@ def compact(
         todo = []
         for found in compactor.partitions(chosen):
             partition = compactor.remove_covered(found) if len(found.files) > 1 else found
-            if partition.compacted or not partition.files:
+            if compactor.settled(partition) or not partition.files:
                 result.skipped += 1
             else:
                 todo.append(partition)
@@ -225,9 +225,11 @@ class AutoCompaction(BackgroundPasses):
         tz: tzinfo,
         after_seconds: float,
         compression_level: int = COMPRESSION_LEVEL,
+        layout: Layout = "contract",
     ) -> None:
         super().__init__(data_dir, tz, after_seconds)
         self.compression_level = compression_level
+        self.layout: Layout = layout
 
     async def _run(self) -> None:
         while not self._stop.is_set():
@@ -252,7 +254,7 @@ class AutoCompaction(BackgroundPasses):
                 bar=False,
                 wait=False,
                 stop=self._halt,
-                compactor=Compactor(self.data_dir, self.compression_level),
+                compactor=Compactor(self.data_dir, self.compression_level, layout=self.layout),
             )
         except CompactionBusy:
             log.info("another process is compacting; this pass is skipped")

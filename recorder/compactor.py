@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from datetime import date
 from enum import Enum
 from pathlib import Path
+from typing import Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -59,6 +60,7 @@ from recorder.buffer import Key
 from recorder.folding import (
     CONTRACT_FOLDER,
     TAG,
+    DateListing,
     covered_files,
     is_compacted,
     list_date,
@@ -87,6 +89,9 @@ _UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, err
 
 #: called with a step name at each point of a swap; tests inject crashes here
 Step = Callable[[str, Key], None]
+#: what a closed date of a table partitioned by contract becomes (``compaction.layout``):
+#: one compacted file per contract folder, or one compacted day file (:mod:`recorder.dayfold`)
+Layout = Literal["contract", "date"]
 
 
 class Outcome(Enum):
@@ -161,8 +166,12 @@ class Compactor:
         on_step: Step | None = None,
         swap: Callable[[Path, Path], bool] = exchange,
         chunk_contracts: int = CHUNK_CONTRACTS,
+        layout: Layout = "contract",
+        convert: bool = False,
     ) -> None:
         self.data_dir = data_dir.resolve()
+        self.layout: Layout = layout
+        self.convert = convert
         self.staging = self.data_dir / STATE_DIR / STAGING
         self.compression_level = compression_level
         self.chunk_contracts = chunk_contracts
@@ -173,7 +182,8 @@ class Compactor:
 
     def partitions(self, days: Callable[[date], bool]) -> Iterator[Partition]:
         """Every partition of a date that ``days`` accepts, table by table, in date order: a
-        date folder holding day files as one (a date fold), else each contract folder."""
+        date folder holding day files, or folded into the ``date`` layout, as one (a date
+        fold), else each contract folder."""
         for table in TABLES.values():
             root = self.data_dir / table.name
             if not root.is_dir():
@@ -190,13 +200,39 @@ class Compactor:
                     yield Partition(key, day_folder, visible_files(day_folder))
                     continue
                 listing = list_date(day_folder)
-                if listing.day_files:
+                if self._folds(listing) or listing.day_files:
+                    # day files not folded: the date is one compacted day file, kept
                     yield Partition(key, day_folder, listing.paths())
                     continue
                 for name in sorted(listing.contracts):
                     contract = decode_contract(name.removeprefix(CONTRACT_FOLDER))
                     key = (table.name, day.isoformat(), contract)
                     yield Partition(key, day_folder / name, listing.contracts[name])
+
+    def _folds(self, listing: DateListing) -> bool:
+        """Whether a date folder is one partition, folded whole (else each contract folder
+        is one): it has day files, or it is to be made the ``date`` layout.
+
+        A date compacted in the other layout (:data:`Layout`) is kept as it is, unless
+        ``convert``: a date with work to do is folded in ``layout``, one without is only
+        rewritten when asked."""
+        one_day_file = len(listing.day_files) == 1 and is_compacted(listing.day_files[0])
+        if self.layout == "contract":
+            return bool(listing.day_files) and not (
+                one_day_file and not listing.contracts and not self.convert
+            )
+        if listing.day_files:
+            return not (one_day_file and not listing.contracts)
+        compacted = all(len(n) == 1 and is_compacted(n[0]) for n in listing.contracts.values())
+        return bool(listing.contracts) and (self.convert or not compacted)
+
+    def settled(self, partition: Partition) -> bool:
+        """Whether ``partition`` needs no work: one compacted file, in this layout, or in the
+        other one unless ``convert`` (a date partition of one compacted day file, for the
+        ``contract`` layout)."""
+        if not partition.compacted:
+            return False
+        return not (partition.date_fold and self.layout == "contract" and self.convert)
 
     def relisted(self, partition: Partition) -> Partition:
         """``partition`` with the files it holds now."""
@@ -238,6 +274,10 @@ class Compactor:
     def compact(self, partition: Partition) -> Done:
         """Compact one partition (or fold one date, :mod:`recorder.datefold`): see the module
         docstring."""
+        if partition.date_fold and self.layout == "date":
+            from recorder.dayfold import DayFold  # which imports this module
+
+            return DayFold(self).fold(partition)
         if partition.date_fold:
             from recorder.datefold import DateFold  # which imports this module
 

@@ -76,6 +76,9 @@ class CompactionConfig(_Section, frozen=True):
     enabled: bool = True  # the daemon compacts every date once it has closed
     after_seconds: float = 900.0  # after local midnight in storage.partition_timezone
     merge_interval_seconds: float = 600.0  # the open date's day files merged; 0 = off
+    # a closed date becomes one file per contract ("contract") or per table ("date", whose
+    # order answers the state of every contract at an instant from one file: recorder.dayfold)
+    layout: Literal["contract", "date"] = "contract"
 
 
 class LogConfig(_Section, frozen=True):

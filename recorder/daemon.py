@@ -94,7 +94,10 @@ async def record(
     trace = pipeline.meter.trace_config(config.auth.token_url)
     # each date is compacted once it has closed: see recorder.compaction
     compaction = AutoCompaction(
-        config.data_dir, config.partition_tz, config.compaction.after_seconds
+        config.data_dir,
+        config.partition_tz,
+        config.compaction.after_seconds,
+        layout=config.compaction.layout,
     )
     # the open date's day files are merged as the day goes: see recorder.merging
     merging = AutoMerge(

@@ -72,10 +72,11 @@ def select_files(
 ) -> list[Path]:
     """The Parquet files of the partitions in range: only those folders are listed and read.
 
-    Per date, the contract files of ``contracts`` (every one: None) and the day files, which
-    hold every contract (see :mod:`recorder.paths`; :func:`export_sql` picks their rows). An
-    instant bound widens the date range by a day on each side, so a ``--timezone`` other
-    than the recording's ``partition_timezone`` can cost reading more, never missing rows.
+    Per date, the contract files of ``contracts`` (every one: None) and the day files,
+    compacted or not, which hold every contract (see :mod:`recorder.paths`;
+    :func:`export_sql` picks their rows). An instant bound widens the date range by a day on
+    each side, so a ``--timezone`` other than the recording's ``partition_timezone`` can cost
+    reading more, never missing rows.
     """
     low = start.day - timedelta(days=1 if start.instant else 0) if start else date.min
     high = end.day + timedelta(days=1 if end.instant else 0) if end else date.max
@@ -113,11 +114,18 @@ def export_sql(
 ) -> str:
     """The query of an export: the rows of ``files`` in range, in (time, seq) order.
 
-    Contract files and day files are read as the catalog's two layers; the filter on
-    ``contract`` picks the rows of day files (DuckDB skips the row groups of other contracts).
+    Contract files, day files and compacted day files are read as the catalog's layers; the
+    filter on ``contract`` picks the rows of both kinds of day file (DuckDB skips the row
+    groups of other contracts).
     """
-    contract_files, day_files = split_files(table, files)
-    source = layered_sql(table, _listing(contract_files), _listing(day_files), True)
+    kinds = split_files(table, files)
+    source = layered_sql(
+        table,
+        _listing(kinds.contract),
+        _listing(kinds.day),
+        True,
+        packed_day_source=_listing(kinds.packed_day),
+    )
     where = []
     time_column = _time_column(table)
     for bound, op, date_op in ((start, ">=", ">="), (end, "<", "<=")):

@@ -115,7 +115,7 @@ def span(name: str) -> tuple[int, int]:
 def day_contracts(table: Table, paths: list[Path]) -> set[str]:
     """The contracts with rows in the day files ``paths``; Unsafe when a file has a column the
     schema does not know (compacting would drop it) or no ``contract`` column."""
-    known = set(table.day_schema.names)
+    known = {*table.day_schema.names, *table.packed_day_schema.names}  # a day file, compacted
     found: set[str] = set()
     for path in paths:
         span(path.name)

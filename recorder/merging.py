@@ -71,7 +71,7 @@ from recorder import compaction
 from recorder.buffer import Key
 from recorder.compaction import CompactionBusy, closed_dates_end, run_lock
 from recorder.compactor import Compactor, Outcome
-from recorder.folding import DateListing, list_date, read_sorted
+from recorder.folding import DateListing, is_compacted, list_date, read_sorted
 from recorder.packing import statistics_columns
 from recorder.paths import file_name, seq_range
 from recorder.schema import CONTRACT_COLUMN, TABLES
@@ -173,7 +173,11 @@ class Merger:
         spans = [s for s in found if s is not None]
         if listing.foreign or len(spans) < len(found) or _overlapping(spans):
             return Merged(Outcome.UNSAFE)
-        counts = [pq.read_metadata(live / n).num_rows for n in listing.day_files]
+        # a compacted day file (compaction.layout "date") counts as full: never merged again
+        counts = [
+            self.max_rows if is_compacted(n) else pq.read_metadata(live / n).num_rows
+            for n in listing.day_files
+        ]
         runs = plan_runs(counts, self.max_rows)
         if not runs:
             return None

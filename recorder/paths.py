@@ -9,6 +9,11 @@ A table partitioned by contract keeps two kinds of files under ``{table}/date=YY
 - **contract files**, ``{table}/date=D/contract=<encoded>/{first}-{last}[.c].parquet``: what
   compaction writes when a date has closed (day files folded into one sorted file per
   contract), and what older versions flushed.
+- **compacted day files**, ``{table}/date=D/{first}-{last}.c.parquet``: what compaction writes
+  instead in the ``date`` layout (``compaction.layout``): the date's rows in one file per
+  table, ordered by (hour of ``exchange_ts``, contract, ``exchange_ts``, seq), ``received_at``
+  packed as in a contract file. Views read them with a glob of their own (``*.c.parquet``;
+  the other day files match ``*[0-9].parquet``).
 
 A frame's rows in (table, date, contract) are stored once a file of that date's folder (day
 file) or of that contract's folder names a seq at or above the frame's: every flush writes
@@ -60,6 +65,14 @@ def is_day_file(path: PurePath | str) -> bool:
     """Whether ``path`` (of a table partitioned by contract) is a day file, not a contract file."""
     parent = PurePath(path).parent.name
     return parent.startswith("date=")
+
+
+def is_packed_day_file(path: PurePath | str) -> bool:
+    """Whether ``path`` (a day file, see :func:`is_day_file`) is a compacted one, written by a
+    date fold in the ``date`` layout, ``{table}/date=D/{first}-{last}.c.parquet``: its rows
+    hold ``received_at`` packed as in a contract file
+    (:attr:`recorder.schema.Table.packed_day_schema`)."""
+    return PurePath(path).name.endswith(".c.parquet")
 
 
 def file_name(first_seq: int, last_seq: int, tag: str = "") -> str:

@@ -112,6 +112,17 @@ class Table:
         where = self.arrow_schema.get_field_index("received_at")
         return self.arrow_schema.set(where, pa.field(RECEIVED_DELAY_COLUMN, pa.int64()))
 
+    @cached_property
+    def packed_day_schema(self) -> pa.Schema:
+        """The Arrow schema of a compacted day file (``{table}/date=D/{first}-{last}.c.parquet``,
+        written by a date fold in the ``date`` layout, see :mod:`recorder.dayfold`): the day
+        schema, with ``received_at`` held as :data:`RECEIVED_DELAY_COLUMN` where
+        :attr:`packs_received`."""
+        if not self.packs_received:
+            return self.day_schema
+        where = self.day_schema.get_field_index("received_at")
+        return self.day_schema.set(where, pa.field(RECEIVED_DELAY_COLUMN, pa.int64()))
+
     def column(self, name: str) -> Column:
         return next(c for c in self.columns if c.name == name)
 

@@ -23,6 +23,7 @@ import importlib
 import itertools
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta, tzinfo
+from functools import partial
 from operator import itemgetter
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,11 +35,11 @@ import pyarrow.compute as pc
 
 from recorder.catalog import SCHEMAS
 from recorder.flatten import Extra, Row, to_message
-from recorder.paths import decode_contract
+from recorder.paths import is_day_file, is_packed_day_file
 from recorder.schema import DATA_TABLES, SOURCE_SNAPSHOT, TABLES
 from recorder.storefiles import (
-    CONTRACT_PREFIX,
     ONE_US,
+    PACKED,
     WHOLE,
     Contracts,
     StoreFiles,
@@ -128,29 +129,29 @@ class Store:
         return {name: self.files(name, contracts, start, end) for name in tables}
 
     def contracts(self) -> list[str]:
-        """Every contract that has data in any table, sorted."""
+        """Every contract that has data in any table, sorted.
 
-        def day_files() -> Files:
-            return {
-                name: [
-                    f
-                    for d in self._files.dates(name)
-                    for f in self._files.date_listing(self._files.date_dir(name, d))[1]
-                ]
-                for name in DATA_TABLES
-            }
+        Per date folder, from one listing: the names of its contract folders, the contracts
+        of its compacted day files (each read once per process, see
+        :class:`~recorder.storefiles.PackedContracts`) and those of its other day files (read
+        now). A listing shows the folder before a swap or after it, never half of each.
+        """
+        known: set[str] = set()
 
-        found: set[str] = set()
-        listed = day_files()  # before the folders: see files()
+        def request() -> Files:
+            known.clear()
+            files: Files = {}
+            for name in DATA_TABLES:
+                found, files[name] = self._files.contracts(name)
+                known.update(found)
+            return files
+
+        listed = request()
         if any(listed.values()):
             union = " UNION ".join(f"SELECT DISTINCT contract FROM {n}" for n in DATA_TABLES)
-            rows = self._query(day_files, lambda con: con.sql(union).fetchall(), listed)
-            found.update(row[0] for row in rows)
-        for name in DATA_TABLES:
-            for day in self._files.dates(name):
-                folders = self._files.date_listing(self._files.date_dir(name, day))[0]
-                found.update(decode_contract(n[len(CONTRACT_PREFIX) :]) for n in folders)
-        return sorted(found)
+            rows = self._query(request, lambda con: con.sql(union).fetchall(), listed)
+            known.update(row[0] for row in rows)
+        return sorted(known)
 
     # ------------------------------------------------------------------ DuckDB
 
@@ -178,10 +179,12 @@ class Store:
             probe.close()
         return self._connect(files, day_filter(chosen))
 
-    def _connect(self, files: Files, rows: str = "") -> duckdb.DuckDBPyConnection:
+    def _connect(
+        self, files: Files, rows: str = "", packed_rows: str | None = None
+    ) -> duckdb.DuckDBPyConnection:
         """A connection whose table views read exactly ``files``, the rows of day files that
         meet ``rows`` (see :class:`Database` and :func:`~recorder.storesql.day_filter`)."""
-        return self._database.cursor(files, rows)
+        return self._database.cursor(files, rows, packed_rows)
 
     def _query(
         self,
@@ -189,9 +192,11 @@ class Store:
         work: Callable[[Any], T],
         files: Files | None = None,
         rows: str = "",
+        packed_rows: Callable[[Files], str | None] | None = None,
     ) -> T:
         """``work`` on a connection over the files ``request`` lists (or ``files``, listed),
-        the rows of day files that meet ``rows``.
+        the rows of day files that meet ``rows`` (of compacted day files: ``packed_rows``
+        of the files, when given).
 
         Tried again (at most twice) when it failed because a file lacked a column (it is
         then read with ``union_by_name``, see :class:`recorder.catalog.FileSchemas`) or was
@@ -201,7 +206,8 @@ class Store:
             files = request() if files is None else files
             known = lacking(files)
             try:
-                con = self._connect(files, rows)
+                packed = None if packed_rows is None else packed_rows(files)
+                con = self._connect(files, rows, packed)
                 try:
                     return work(con)
                 finally:
@@ -336,7 +342,11 @@ class Store:
         params = [at, lookback, *params]
         rows = day_filter(wanted, found if wanted is None else ())
         return self._query(
-            request, lambda con: con.sql(sql, params=params).to_arrow_table(), files, rows
+            request,
+            lambda con: con.sql(sql, params=params).to_arrow_table(),
+            files,
+            rows,
+            None if wanted is not None or not found else partial(_packed_rows, found=found),
         )
 
     # ------------------------------------------------------------------ replay
@@ -469,3 +479,18 @@ class Store:
                 if attempt == 2 or not recoverable(files, known):
                     raise
         raise AssertionError("unreachable")
+
+
+def _packed_rows(files: Files, found: set[str]) -> str | None:
+    """The rows an as-of step reads from the compacted day files of ``files``: those of the
+    contracts they hold but ``found``, named, so that their ``contract`` statistics skip the
+    rest (``NOT IN found`` would read every row group of the look-back). None when one of
+    them is gone (reading it fails, and the request lists the files again)."""
+    held: set[str] = set()
+    for path in itertools.chain.from_iterable(files.values()):
+        if is_day_file(path) and is_packed_day_file(path):
+            contracts = PACKED.of(path)
+            if contracts is None:
+                return None
+            held |= contracts
+    return day_filter(sorted(held - found))

@@ -22,7 +22,8 @@ from recorder.flatten import Row
 from recorder.schema import SOURCE_SNAPSHOT, TABLES, Table
 
 TimeLike = datetime | date | str
-#: the files a request reads, per table (contract files and day files, see recorder.paths)
+#: the files a request reads, per table (contract files, day files and compacted day files,
+#: see recorder.paths)
 Files = dict[str, list[Path]]
 _BATCH_ROWS = 8192
 
@@ -64,18 +65,23 @@ def view_sql(
     union_by_name: bool = False,
     temporary: bool = False,
     rows: str = "",
+    packed_rows: str | None = None,
 ) -> str:
     """A view of ``table`` over exactly ``files`` (the catalog's view, minus the globs).
 
-    Contract files and day files are read as the catalog's two layers; ``rows`` (see
-    :func:`day_filter`) picks the rows of the day files, so that the view holds the same rows
-    whichever kind of file they are in (the contract files were picked by their folders).
+    Contract files, day files and compacted day files are read as the catalog's layers;
+    ``rows`` (see :func:`day_filter`) picks the rows of both kinds of day file, so that the
+    view holds the same rows whichever kind of file they are in (the contract files were
+    picked by their folders); ``packed_rows``, when given, those of compacted day files
+    instead (an equivalent condition that their row-group statistics can prune by).
     """
-    contract_files, day_files = split_files(table, files)
-    selects = [read_sql(table, _listing(contract_files), union_by_name)] if contract_files else []
-    if day_files:
-        day = read_sql(table, _listing(day_files), union_by_name, day_files=True)
-        selects.append(f"{day} WHERE {rows}" if rows else day)
+    kinds = split_files(table, files)
+    selects = [read_sql(table, _listing(kinds.contract), union_by_name)] if kinds.contract else []
+    for listed, packed in ((kinds.day, False), (kinds.packed_day, True)):
+        if listed:
+            day = read_sql(table, _listing(listed), union_by_name, day_files=True, packed=packed)
+            where = packed_rows if packed and packed_rows is not None else rows
+            selects.append(f"{day} WHERE {where}" if where else day)
     kind = "TEMP VIEW" if temporary else "VIEW"
     select = " UNION ALL ".join(selects) if selects else empty_sql(table)
     return f"CREATE OR REPLACE {kind} {table.name} AS {select}"
@@ -96,9 +102,12 @@ class Database:
         self._con: duckdb.DuckDBPyConnection | None = None
         self._lock = threading.Lock()
 
-    def cursor(self, files: Files, rows: str = "") -> duckdb.DuckDBPyConnection:
+    def cursor(
+        self, files: Files, rows: str = "", packed_rows: str | None = None
+    ) -> duckdb.DuckDBPyConnection:
         """A connection whose table views read exactly ``files``, the rows of day files under
-        the condition ``rows`` (see :func:`day_filter`); close it when done."""
+        the condition ``rows`` (see :func:`day_filter`; ``packed_rows``: see :func:`view_sql`);
+        close it when done."""
         with self._lock:
             if self._con is None:
                 con = duckdb.connect(":memory:")
@@ -114,7 +123,7 @@ class Database:
             for name, listed in files.items():
                 if listed:
                     union = SCHEMAS.lacking(listed)
-                    view = view_sql(TABLES[name], listed, union, temporary=True, rows=rows)
+                    view = view_sql(TABLES[name], listed, union, True, rows, packed_rows)
                     cursor.execute(view)
         except BaseException:
             cursor.close()
