@@ -6,30 +6,40 @@ store; and the very same code over one unpartitioned file per table (``FlatStore
 only changes the file list the views read). Each query is timed end to end as a user calls
 it (DuckDB connection and views included): the first call, then the median of the next ones.
 The results of both layouts are checked to be equal.
+
+The one-date queries (bars, as-of, replay) run a third time over the ``date`` layout
+(``compaction.layout``): a copy of the store whose middle date the recorder's own compactor
+folds into one file per table (:mod:`recorder.dayfold`), at the generator's zstd level.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import duckdb
+import pyarrow.parquet as pq
 
 import recorder
 from bench import genstore
-from bench.common import cleanup, fresh_dir, log, save, scaled, wait_quiet
+from bench.common import cleanup, fresh_dir, log, save, scaled, timed, wait_quiet
 from recorder import Store
 from recorder.catalog import derived_views
-from recorder.schema import TABLES
+from recorder.compaction import compact
+from recorder.compactor import Compactor
+from recorder.schema import DATA_TABLES, TABLES
 from recorder.storesql import sql_text
 
+TEHRAN = ZoneInfo("Asia/Tehran")
 COUNTS_SQL = "SELECT contract, date, count(*) AS messages FROM aggregate GROUP BY ALL"
 
 
@@ -52,7 +62,9 @@ class FlatStore(Store):
 
     _db: duckdb.DuckDBPyConnection | None = None
 
-    def _connect(self, files: dict[str, list[Path]], rows: str = "") -> duckdb.DuckDBPyConnection:
+    def _connect(
+        self, files: dict[str, list[Path]], rows: str = "", packed_rows: str | None = None
+    ) -> duckdb.DuckDBPyConnection:
         """One database per store, a cursor with the flat views per call: as Store does
         (``rows``, Store's filter of day files on contract, is not needed: the flat views
         filter on contract themselves)."""
@@ -107,6 +119,30 @@ def _busiest(store_dir: Path, day: str) -> str:
     return max(sizes, key=lambda name: sizes[name]).removeprefix("contract=")
 
 
+def _date_layout(store_dir: Path, date_dir: Path, day: date) -> dict[str, Any]:
+    """``date_dir``: ``store_dir`` (hard links) with ``day`` folded into the date layout."""
+    shutil.copytree(store_dir, date_dir, copy_function=os.link)
+    folders = [date_dir / t / f"date={day.isoformat()}" for t in DATA_TABLES]
+    before = sum(p.stat().st_size for f in folders for p in f.rglob("*.parquet"))
+    level = genstore.GENERATE_LEVEL
+    compactor = Compactor(date_dir, compression_level=level, layout="date", convert=True)
+    with timed() as took:
+        result = compact(date_dir, TEHRAN, days=[day], bar=False, compactor=compactor)
+    if not result.ok or result.compacted != len(DATA_TABLES):
+        raise AssertionError(f"the date layout's fold: {result}")
+    log(f"queries: {day} folded into the date layout in {took['seconds']:.0f} s")
+    aggregate = next((date_dir / "aggregate" / f"date={day.isoformat()}").glob("*.parquet"))
+    return {
+        "date": day.isoformat(),
+        "messages": pq.read_metadata(aggregate).num_rows,  # one aggregate row per message
+        "seconds": round(took["seconds"], 1),
+        "level": level,
+        "contract_files_bytes": before,
+        "bytes": result.bytes_after,
+        "rows": result.rows,
+    }
+
+
 def run(root: Path, messages: int, days: int, repeat: int) -> dict[str, Any]:
     free = shutil.disk_usage(root).free
     log(f"queries: generating {messages:,} messages ({free / 1e9:.0f} GB free)")
@@ -122,9 +158,11 @@ def run(root: Path, messages: int, days: int, repeat: int) -> dict[str, Any]:
     day_end = day_start + timedelta(days=1)
     instant = day_start + timedelta(hours=12)  # 12:00 Tehran, mid-session
     contract = _busiest(store_dir, middle.isoformat())
+    date_layout = _date_layout(store_dir, root / "date", middle)
     stores = {
         "partitioned": Store(store_dir, partition_timezone="Asia/Tehran"),
         "flat": FlatStore(flat_dir, partition_timezone="Asia/Tehran"),
+        "date": Store(root / "date", partition_timezone="Asia/Tehran"),
     }
     queries: dict[str, Callable[[Store], Any]] = {
         "bars": lambda s: s.bars("1 minute", contract, day_start, day_end).to_pylist(),
@@ -137,12 +175,14 @@ def run(root: Path, messages: int, days: int, repeat: int) -> dict[str, Any]:
     for name, query in queries.items():
         answers = {}
         for layout, store in stores.items():
+            if layout == "date" and name == "counts":
+                continue  # a one-date query: the other dates are in the contract layout
             times = repeat if name != "replay" else max(1, repeat // 3)
             figures, answers[layout] = _time(lambda q=query, s=store: q(s), times)
             timings.setdefault(name, {})[layout] = figures
             log(f"queries: {name} ({layout}): {figures['median_ms']:.1f} ms")
-        if answers["partitioned"] != answers["flat"]:
-            raise AssertionError(f"{name}: the two layouts answer differently")
+        if any(answer != answers["partitioned"] for answer in answers.values()):
+            raise AssertionError(f"{name}: the layouts answer differently")
         answer = answers["partitioned"]
         timings[name]["rows"] = answer if isinstance(answer, int) else len(answer)
     return {
@@ -151,6 +191,7 @@ def run(root: Path, messages: int, days: int, repeat: int) -> dict[str, Any]:
         "contract": contract,
         "day": middle.isoformat(),
         "instant": instant.isoformat(),
+        "date_layout": date_layout,
         "queries": timings,
     }
 
