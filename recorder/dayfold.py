@@ -22,7 +22,8 @@ The fold swaps ``D`` with the staging, locks and exchange of
    DuckDB reads the sources and sorts their rows (spilling to ``H`` beyond
    :data:`MEMORY_LIMIT`, so a date of any size folds in bounded memory); its batches are
    written as the compacted layout's row groups (:mod:`recorder.packing`: zstd 19, each
-   column in its best encoding, ``received_at`` packed). The file is then read back: its row
+   column in its best encoding, ``received_at`` packed), with the list of its contracts in
+   the footer (:data:`recorder.packing.CONTRACTS_KEY`). The file is then read back: its row
    count and a checksum of every value of every row must equal the sources';
 3. under both locks of the date folder (:meth:`Compactor.date_locks`), list ``D`` again; if
    anything changed, give this attempt up;
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -52,6 +54,7 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import structlog
 
@@ -70,6 +73,7 @@ from recorder.folding import (
     span,
 )
 from recorder.packing import (
+    CONTRACTS_KEY,
     DICTIONARY,
     PLAIN,
     ROW_GROUP_ROWS,
@@ -341,7 +345,9 @@ def _write(
     writer: pq.ParquetWriter | None = None
     pending: list[pa.Table] = []
     rows = 0
+    contracts: set[str] = set()
     for chunk in _row_groups(batches, schema):
+        contracts.update(pc.unique(chunk.column(CONTRACT_COLUMN)).to_pylist())
         pending.append(pack_received(table, chunk).cast(packed_schema))
         if writer is None and sum(p.num_rows for p in pending) < SAMPLE_ROWS:
             continue
@@ -357,6 +363,7 @@ def _write(
         for part in pending:
             writer.write_table(part, row_group_size=ROW_GROUP_ROWS)
             rows += part.num_rows
+    writer.add_key_value_metadata({CONTRACTS_KEY: json.dumps(sorted(contracts))})
     writer.close()
     return rows
 

@@ -31,6 +31,9 @@ COMPRESSION_LEVEL = 19
 TRIAL_LEVEL = 9
 PLAIN = "PLAIN"
 DICTIONARY = "RLE_DICTIONARY"  # written with use_dictionary (pyarrow's column_encoding refuses it)
+#: footer key of a compacted day file (:mod:`recorder.dayfold`): the JSON list of the contracts
+#: it holds, which readers take without reading its ``contract`` column
+CONTRACTS_KEY = "ime_recorder.contracts"
 #: rows per row group: small enough that a look-back (the as-of state) reads one group of
 #: each contract-day file, not all of it (row-group statistics on exchange_ts skip the rest)
 ROW_GROUP_ROWS = 16_384

@@ -15,6 +15,7 @@ fail: the date folder is listed again at once (:meth:`StoreFiles.contract_files`
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -25,6 +26,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from recorder.packing import CONTRACTS_KEY
 from recorder.paths import decode_contract, encode_contract, is_packed_day_file, partition_dir
 from recorder.schema import CONTRACT_COLUMN, TABLES
 from recorder.storesql import TimeLike, to_utc
@@ -85,12 +87,9 @@ class PackedContracts:
             known = self._known.get(str(path))
         if known is None:
             try:
-                data = pq.ParquetFile(path, read_dictionary=[CONTRACT_COLUMN]).read(
-                    [CONTRACT_COLUMN]
-                )
+                known = _contracts_of(path)
             except FileNotFoundError:
                 return None
-            known = frozenset(pc.unique(data.column(0)).to_pylist())
             with self._lock:
                 self._known[str(path)] = known
         return known
@@ -100,6 +99,16 @@ class PackedContracts:
         and the request lists again)."""
         known = self.of(path)
         return known is None or contract in known
+
+
+def _contracts_of(path: Path) -> frozenset[str]:
+    """The contracts of a compacted day file: the list in its footer
+    (:data:`~recorder.packing.CONTRACTS_KEY`), else its ``contract`` column's values."""
+    parquet = pq.ParquetFile(path, read_dictionary=[CONTRACT_COLUMN])
+    listed = (parquet.metadata.metadata or {}).get(CONTRACTS_KEY.encode())
+    if listed is not None:
+        return frozenset(json.loads(listed))
+    return frozenset(pc.unique(parquet.read([CONTRACT_COLUMN]).column(0)).to_pylist())
 
 
 #: what is known of the compacted day files this process has read

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import threading
@@ -24,9 +25,11 @@ from recorder.config import load_config
 from recorder.dayfold import plan_day
 from recorder.errors import ConfigError
 from recorder.folding import list_date
+from recorder.packing import CONTRACTS_KEY
 from recorder.paths import file_name
 from recorder.schema import TABLES, Table
 from recorder.store import Store
+from recorder.storefiles import PACKED
 from recorder.writer import partition_lock
 from tests.test_compaction import (
     FUTURE,
@@ -116,6 +119,8 @@ def test_a_date_folds_into_one_file_per_table_ordered_by_hour_then_contract(
     stats = meta.row_group(0).column(data.schema.names.index("contract")).statistics
     assert stats is not None
     assert stats.has_min_max
+    listed = (pq.read_metadata(path).metadata or {})[CONTRACTS_KEY.encode()]
+    assert json.loads(listed) == sorted(CONTRACTS)
 
     inode = path.stat().st_ino
     again = compact(tmp_path, TEHRAN, now=FUTURE, bar=False, compactor=date_compactor(tmp_path))
@@ -344,6 +349,21 @@ def test_a_query_listing_across_a_day_fold_fails_rather_than_missing_or_doubling
         con.execute(f"SELECT count(*) FROM ({select})").fetchall()
     con.close()
     assert rows(tmp_path) == before
+
+
+def test_readers_take_a_compacted_day_files_contracts_from_its_footer(tmp_path: Path) -> None:
+    """The footer's list is what readers take (here made to differ from the rows: a file
+    written otherwise falls back to reading its ``contract`` column)."""
+    three_flushes(tmp_path)
+    compact(tmp_path, TEHRAN, now=FUTURE, bar=False, compactor=date_compactor(tmp_path))
+    path = tmp_path / "best_limit" / f"date={DAY}" / file_name(1, 30, "c")
+    data = pq.read_table(path, partitioning=None)
+    told, plain = path.with_name(file_name(1, 31, "c")), path.with_name(file_name(1, 32, "c"))
+    pq.write_table(data.replace_schema_metadata({CONTRACTS_KEY: '["9999"]'}), told)
+    pq.write_table(data.replace_schema_metadata(None), plain)
+    assert PACKED.of(told) == {"9999"}
+    assert PACKED.of(plain) == set(CONTRACTS)
+    assert PACKED.of(path.with_name(file_name(1, 33, "c"))) is None  # no such file
 
 
 # ----------------------------------------------------------------- a recorded store, both ways
