@@ -13,9 +13,11 @@ partitioned by contract) is swapped as follows:
    see ``S`` or the compacted file, never both and never neither; then delete ``H`` (now ``S``).
 
 A **date folder with day files** ``D = {table}/date=X`` of a table partitioned by contract
-(see :mod:`recorder.paths`) is folded as a whole (:mod:`recorder.datefold`), and the intraday
-merge of an open date's day files (:mod:`recorder.merging`) rewrites ``D`` too: both swap the
-date folder with the same staging, locks (:meth:`Compactor.date_locks`) and exchange.
+(see :mod:`recorder.paths`) is folded as a whole (:mod:`recorder.datefold`), and so is every
+closed date in the ``date`` layout (``layout``, :mod:`recorder.dayfold`: one compacted day file
+per table); the intraday merge of an open date's day files (:mod:`recorder.merging`) rewrites
+``D`` too: all three swap the date folder with the same staging, locks
+(:meth:`Compactor.date_locks`) and exchange.
 
 **Crashes.** A crash leaves at most a staging folder, never needed (``P`` or ``D`` is whole
 before and after the exchange), and a date fold's placeholders; every run starts by deleting
@@ -117,7 +119,8 @@ class Partition:
 
     @property
     def date_fold(self) -> bool:
-        """Whether this is a date folder whose day files are folded into contract files."""
+        """Whether this is a date folder, folded whole: into contract files (day files), or
+        into one compacted day file (the ``date`` layout)."""
         return self.key[2] is None and TABLES[self.key[0]].by_contract
 
 
@@ -201,7 +204,7 @@ class Compactor:
                     continue
                 listing = list_date(day_folder)
                 if self._folds(listing) or listing.day_files:
-                    # day files not folded: the date is one compacted day file, kept
+                    # folded whole, or one compacted day file kept as it is (settled)
                     yield Partition(key, day_folder, listing.paths())
                     continue
                 for name in sorted(listing.contracts):

@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -198,6 +199,8 @@ class DayFold:
         with _duckdb(path.parent) as con:
             expected = con.execute(checksum_sql(table, source)).fetchall()[0]
             rows, complete = int(expected[0]), [bool(c) for c in expected[2:]]
+            if not complete[table.day_schema.get_field_index(CONTRACT_COLUMN)]:
+                raise Unsafe("a row without a contract")
             order = _order_sql(table)
             reader = con.sql(f"SELECT * EXCLUDE (_file, _row) FROM ({source}) ORDER BY {order}")
             tmp = path.with_name(f".{path.name}.tmp")
@@ -382,20 +385,47 @@ def _packed_schema(table: Table, schema: pa.Schema) -> pa.Schema:
 
 
 def _row_groups(batches: pa.RecordBatchReader, schema: pa.Schema) -> Iterator[pa.Table]:
-    """``batches`` cut into tables of :data:`ROW_GROUP_ROWS` rows (the last one shorter), in
-    ``schema``."""
-    held: list[pa.RecordBatch] = []
-    count = 0
+    """``batches`` (sorted) cut into row groups, in ``schema``: see :func:`cut`."""
+    held = schema.empty_table()
     for batch in batches:
-        held.append(batch)
-        count += batch.num_rows
-        while count >= ROW_GROUP_ROWS:
-            joined = pa.Table.from_batches(held)
-            yield joined.slice(0, ROW_GROUP_ROWS).cast(schema)
-            rest = joined.slice(ROW_GROUP_ROWS)
-            held, count = rest.to_batches(), rest.num_rows
-    if count:
-        yield pa.Table.from_batches(held).cast(schema)
+        held = pa.concat_tables([held, pa.Table.from_batches([batch]).cast(schema)])
+        while held.num_rows > ROW_GROUP_ROWS:  # row ROW_GROUP_ROWS + 1 decides a cut
+            end = cut(held)
+            yield held.slice(0, end).combine_chunks()
+            held = held.slice(end)
+    while held.num_rows:
+        end = cut(held)
+        yield held.slice(0, end).combine_chunks()
+        held = held.slice(end)
+
+
+def cut(rows: pa.Table) -> int:
+    """Where the row group starting ``rows`` (sorted as a compacted day file) ends: at the
+    first change of hour, else at the last change of contract within :data:`ROW_GROUP_ROWS`
+    rows, else after them (one contract's hour longer than a group).
+
+    So a row group holds one hour, and a contract's hour is in one group wherever it fits
+    (a one-contract read then decompresses one group of each hour, not two, and the as-of
+    reads the groups of its hour only)."""
+    head = rows.slice(0, ROW_GROUP_ROWS + 1)
+    size = int(head.num_rows)
+    if size <= 1:
+        return size
+    if "exchange_ts" in head.column_names:
+        hours = _changes(pc.divide(head.column("exchange_ts").cast(pa.int64()), _HOUR_US))
+        if len(hours):
+            return int(hours[0])
+    if size <= ROW_GROUP_ROWS:  # the last rows of all, in one hour
+        return size
+    contracts = _changes(head.column(CONTRACT_COLUMN))
+    return int(contracts[-1]) if len(contracts) else ROW_GROUP_ROWS
+
+
+def _changes(values: pa.ChunkedArray) -> np.ndarray:
+    """The positions ``i`` (1 and up) where ``values[i]`` differs from ``values[i - 1]``."""
+    array = values.combine_chunks()
+    differ = pc.not_equal(array.slice(1), array.slice(0, len(array) - 1))
+    return np.flatnonzero(differ.to_numpy(zero_copy_only=False)) + 1
 
 
 def _open(path: Path, sample: pa.Table, level: int) -> pq.ParquetWriter:

@@ -22,10 +22,10 @@ from recorder.catalog import day_glob, layered_sql, packed_day_glob, table_glob
 from recorder.compaction import AutoCompaction, compact
 from recorder.compactor import Compactor, Outcome, exchange
 from recorder.config import load_config
-from recorder.dayfold import plan_day
+from recorder.dayfold import _row_groups, cut, plan_day
 from recorder.errors import ConfigError
 from recorder.folding import list_date
-from recorder.packing import CONTRACTS_KEY
+from recorder.packing import CONTRACTS_KEY, ROW_GROUP_ROWS
 from recorder.paths import file_name
 from recorder.schema import TABLES, Table
 from recorder.store import Store
@@ -119,6 +119,10 @@ def test_a_date_folds_into_one_file_per_table_ordered_by_hour_then_contract(
     stats = meta.row_group(0).column(data.schema.names.index("contract")).statistics
     assert stats is not None
     assert stats.has_min_max
+    for group in range(meta.num_row_groups):  # one hour each
+        times = meta.row_group(group).column(0).statistics
+        assert times.min.hour == times.max.hour
+    assert meta.num_row_groups == 5
     listed = (pq.read_metadata(path).metadata or {})[CONTRACTS_KEY.encode()]
     assert json.loads(listed) == sorted(CONTRACTS)
 
@@ -364,6 +368,27 @@ def test_readers_take_a_compacted_day_files_contracts_from_its_footer(tmp_path: 
     assert PACKED.of(told) == {"9999"}
     assert PACKED.of(plain) == set(CONTRACTS)
     assert PACKED.of(path.with_name(file_name(1, 33, "c"))) is None  # no such file
+
+
+def test_row_groups_hold_one_hour_and_a_contracts_hour_where_it_fits() -> None:
+    """Cuts at each change of hour, else at the last change of contract that fits in a group,
+    else after a full group (a contract's hour longer than one)."""
+    runs = [(0, "A", 10_000), (0, "B", 10_000), (0, "C", 20_000), (1, "A", 100)]
+    hours = [h for h, _, n in runs for _ in range(n)]
+    data = pa.table(
+        {
+            "exchange_ts": pa.array(
+                [NOON_US + h * 3_600_000_000 + i for i, h in enumerate(hours)], pa.int64()
+            ).cast(pa.timestamp("us", "UTC")),
+            "contract": [c for _, c, n in runs for _ in range(n)],
+        }
+    )
+    reader = pa.RecordBatchReader.from_batches(data.schema, data.to_batches(max_chunksize=7_000))
+    groups = list(_row_groups(reader, data.schema))
+    assert ROW_GROUP_ROWS == 16_384
+    assert [g.num_rows for g in groups] == [10_000, 10_000, 16_384, 3_616, 100]
+    assert pa.concat_tables(groups).equals(data)
+    assert cut(data.slice(0, 0)) == 0
 
 
 # ----------------------------------------------------------------- a recorded store, both ways
