@@ -391,6 +391,21 @@ def test_row_groups_hold_one_hour_and_a_contracts_hour_where_it_fits() -> None:
     assert cut(data.slice(0, 0)) == 0
 
 
+def test_a_day_row_without_a_contract_leaves_the_date_alone(tmp_path: Path) -> None:
+    three_flushes(tmp_path)
+    path = write_day_file(tmp_path, BEST_LIMIT, {"1001": range(40, 42)})
+    data = pq.read_table(path, partitioning=None)
+    where = data.schema.get_field_index("contract")
+    pq.write_table(data.set_column(where, "contract", pa.nulls(data.num_rows, pa.string())), path)
+    before = folder_files(tmp_path)
+
+    result = compact(tmp_path, TEHRAN, now=FUTURE, bar=False, compactor=date_compactor(tmp_path))
+
+    assert len(result.problems) == 1
+    assert folder_files(tmp_path) == before
+    assert_no_leftovers(tmp_path)
+
+
 # ----------------------------------------------------------------- a recorded store, both ways
 
 
