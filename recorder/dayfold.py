@@ -21,10 +21,9 @@ The fold swaps ``D`` with the staging, locks and exchange of
 2. write the new file into the staging folder ``H`` (``_state/compaction/{table}/date=X``):
    DuckDB reads the sources and sorts their rows (spilling to ``H`` beyond
    :data:`MEMORY_LIMIT`, so a date of any size folds in bounded memory); its batches are
-   written as the compacted layout's row groups (:mod:`recorder.packing`: zstd 19, each
-   column in its best encoding, ``received_at`` packed), with the list of its contracts in
-   the footer (:data:`recorder.packing.CONTRACTS_KEY`). The file is then read back: its row
-   count and a checksum of every value of every row must equal the sources';
+   written in the compacted layout, a row group per hour or less (:mod:`recorder.daywrite`).
+   The file is then read back: its row count and a checksum of every value of every row
+   must equal the sources';
 3. under both locks of the date folder (:meth:`Compactor.date_locks`), list ``D`` again; if
    anything changed, give this attempt up;
 4. exchange ``H`` and ``D``, release the locks and delete ``H`` (now the old ``D``).
@@ -45,7 +44,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -53,14 +51,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import structlog
 
 from recorder.buffer import Key
 from recorder.compactor import Compactor, Done, Outcome, Partition
+from recorder.daywrite import HOUR_US, write_day_file
 from recorder.folding import (
     CONTRACT_FOLDER,
     TAG,
@@ -73,16 +69,7 @@ from recorder.folding import (
     list_date,
     span,
 )
-from recorder.packing import (
-    CONTRACTS_KEY,
-    DICTIONARY,
-    PLAIN,
-    ROW_GROUP_ROWS,
-    TRIAL_LEVEL,
-    choose_encodings,
-    pack_received,
-    statistics_columns,
-)
+from recorder.packing import ROW_GROUP_ROWS
 from recorder.paths import decode_contract, file_name
 from recorder.schema import CONTRACT_COLUMN, RECEIVED_DELAY_COLUMN, TABLES, Table
 from recorder.state import fsync_dir
@@ -91,9 +78,6 @@ log = structlog.get_logger("recorder.dayfold")
 
 #: DuckDB's memory for reading and sorting a date's rows; beyond it the sort spills to disk
 MEMORY_LIMIT = "256MB"
-#: rows whose encodings are measured before the file is opened (the first hours of the date)
-SAMPLE_ROWS = 4 * ROW_GROUP_ROWS
-_HOUR_US = 3_600_000_000
 
 
 @dataclass(frozen=True)
@@ -206,7 +190,7 @@ class DayFold:
             tmp = path.with_name(f".{path.name}.tmp")
             level = self.compactor.compression_level
             batches = reader.to_arrow_reader(ROW_GROUP_ROWS)
-            written = _write(table, batches, tmp, complete, level)
+            written = write_day_file(table, batches, tmp, complete, level)
             with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())
             os.rename(tmp, path)
@@ -327,118 +311,4 @@ def _order_sql(table: Table) -> str:
     """The order of a compacted day file (see the module docstring)."""
     if "exchange_ts" not in table.day_schema.names:
         return f"{CONTRACT_COLUMN}, seq, _file, _row"
-    return f"epoch_us(exchange_ts) // {_HOUR_US}, {CONTRACT_COLUMN}, exchange_ts, seq, _file, _row"
-
-
-# --------------------------------------------------------------------------------- the file
-
-
-def _write(
-    table: Table, batches: pa.RecordBatchReader, path: Path, complete: list[bool], level: int
-) -> int:
-    """Write the sorted ``batches`` (day schema) as a compacted day file; the rows written.
-
-    ``complete``: per column of the day schema, whether it holds no null (written REQUIRED,
-    as :func:`recorder.packing.write_compacted` does). The encodings are measured on the first
-    :data:`SAMPLE_ROWS` rows, which are held until then."""
-    schema = pa.schema(
-        [f.with_nullable(not c) for f, c in zip(table.day_schema, complete, strict=True)]
-    )
-    packed_schema = _packed_schema(table, schema)
-    writer: pq.ParquetWriter | None = None
-    pending: list[pa.Table] = []
-    rows = 0
-    contracts: set[str] = set()
-    for chunk in _row_groups(batches, schema):
-        contracts.update(pc.unique(chunk.column(CONTRACT_COLUMN)).to_pylist())
-        pending.append(pack_received(table, chunk).cast(packed_schema))
-        if writer is None and sum(p.num_rows for p in pending) < SAMPLE_ROWS:
-            continue
-        if writer is None:
-            writer = _open(path, pa.concat_tables(pending), level)
-        for part in pending:
-            writer.write_table(part, row_group_size=ROW_GROUP_ROWS)
-            rows += part.num_rows
-        pending = []
-    if writer is None:
-        sample = pa.concat_tables(pending) if pending else packed_schema.empty_table()
-        writer = _open(path, sample, level)
-        for part in pending:
-            writer.write_table(part, row_group_size=ROW_GROUP_ROWS)
-            rows += part.num_rows
-    writer.add_key_value_metadata({CONTRACTS_KEY: json.dumps(sorted(contracts))})
-    writer.close()
-    return rows
-
-
-def _packed_schema(table: Table, schema: pa.Schema) -> pa.Schema:
-    """``table.packed_day_schema`` with the nullability of ``schema`` (the day schema's): the
-    delay holds no null where neither time does."""
-    fields = []
-    for packed, plain in zip(table.packed_day_schema, schema, strict=True):
-        if packed.name == RECEIVED_DELAY_COLUMN:
-            nullable = plain.nullable or schema.field("exchange_ts").nullable
-            fields.append(packed.with_nullable(nullable))
-        else:
-            fields.append(packed.with_nullable(plain.nullable))
-    return pa.schema(fields)
-
-
-def _row_groups(batches: pa.RecordBatchReader, schema: pa.Schema) -> Iterator[pa.Table]:
-    """``batches`` (sorted) cut into row groups, in ``schema``: see :func:`cut`."""
-    held = schema.empty_table()
-    for batch in batches:
-        held = pa.concat_tables([held, pa.Table.from_batches([batch]).cast(schema)])
-        while held.num_rows > ROW_GROUP_ROWS:  # row ROW_GROUP_ROWS + 1 decides a cut
-            end = cut(held)
-            yield held.slice(0, end).combine_chunks()
-            held = held.slice(end)
-    while held.num_rows:
-        end = cut(held)
-        yield held.slice(0, end).combine_chunks()
-        held = held.slice(end)
-
-
-def cut(rows: pa.Table) -> int:
-    """Where the row group starting ``rows`` (sorted as a compacted day file) ends: at the
-    first change of hour, else at the last change of contract within :data:`ROW_GROUP_ROWS`
-    rows, else after them (one contract's hour longer than a group).
-
-    So a row group holds one hour, and a contract's hour is in one group wherever it fits
-    (a one-contract read then decompresses one group of each hour, not two, and the as-of
-    reads the groups of its hour only)."""
-    head = rows.slice(0, ROW_GROUP_ROWS + 1)
-    size = int(head.num_rows)
-    if size <= 1:
-        return size
-    if "exchange_ts" in head.column_names:
-        hours = _changes(pc.divide(head.column("exchange_ts").cast(pa.int64()), _HOUR_US))
-        if len(hours):
-            return int(hours[0])
-    if size <= ROW_GROUP_ROWS:  # the last rows of all, in one hour
-        return size
-    contracts = _changes(head.column(CONTRACT_COLUMN))
-    return int(contracts[-1]) if len(contracts) else ROW_GROUP_ROWS
-
-
-def _changes(values: pa.ChunkedArray) -> np.ndarray:
-    """The positions ``i`` (1 and up) where ``values[i]`` differs from ``values[i - 1]``."""
-    array = values.combine_chunks()
-    differ = pc.not_equal(array.slice(1), array.slice(0, len(array) - 1))
-    return np.flatnonzero(differ.to_numpy(zero_copy_only=False)) + 1
-
-
-def _open(path: Path, sample: pa.Table, level: int) -> pq.ParquetWriter:
-    """A writer of the compacted layout, each column's encoding measured on ``sample``."""
-    encodings = choose_encodings(sample, min(level, TRIAL_LEVEL))
-    return pq.ParquetWriter(
-        path,
-        sample.schema,
-        compression="zstd",
-        compression_level=level,
-        use_dictionary=[n for n, e in encodings.items() if e == DICTIONARY],
-        column_encoding={n: e for n, e in encodings.items() if e not in (PLAIN, DICTIONARY)},
-        write_statistics=[*statistics_columns(sample.schema), CONTRACT_COLUMN],
-        write_page_index=False,
-        store_schema=False,
-    )
+    return f"epoch_us(exchange_ts) // {HOUR_US}, {CONTRACT_COLUMN}, exchange_ts, seq, _file, _row"

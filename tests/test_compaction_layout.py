@@ -22,7 +22,8 @@ from recorder.catalog import day_glob, layered_sql, packed_day_glob, table_glob
 from recorder.compaction import AutoCompaction, compact
 from recorder.compactor import Compactor, Outcome, exchange
 from recorder.config import load_config
-from recorder.dayfold import _row_groups, cut, plan_day
+from recorder.dayfold import plan_day
+from recorder.daywrite import cut, row_groups
 from recorder.errors import ConfigError
 from recorder.folding import list_date
 from recorder.packing import CONTRACTS_KEY, ROW_GROUP_ROWS
@@ -384,7 +385,7 @@ def test_row_groups_hold_one_hour_and_a_contracts_hour_where_it_fits() -> None:
         }
     )
     reader = pa.RecordBatchReader.from_batches(data.schema, data.to_batches(max_chunksize=7_000))
-    groups = list(_row_groups(reader, data.schema))
+    groups = list(row_groups(reader, data.schema))
     assert ROW_GROUP_ROWS == 16_384
     assert [g.num_rows for g in groups] == [10_000, 10_000, 16_384, 3_616, 100]
     assert pa.concat_tables(groups).equals(data)
