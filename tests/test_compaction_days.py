@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from datetime import date, datetime, time
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,10 @@ import recorder
 from recorder.buffer import Key
 from recorder.catalog import day_glob, read_sql, table_glob
 from recorder.compaction import compact
-from recorder.compactor import Compactor, Outcome, exchange
+from recorder.compactor import Compactor, Layout, Outcome, exchange
 from recorder.paths import encode_contract, file_name, seq_range
 from recorder.schema import TABLES, Table
+from recorder.writer import partition_lock
 from tests.test_compaction import (
     FUTURE,
     TEHRAN,
@@ -194,6 +196,28 @@ def test_late_day_files_fold_into_the_contract_files_of_a_compacted_date(tmp_pat
     assert_no_leftovers(tmp_path)
 
 
+def flush_during(
+    data_dir: Path, when: str
+) -> tuple[Callable[[str, Key], None], list[threading.Thread]]:
+    """An ``on_step`` hook that, at step ``when`` of best_limit's fold, writes a day file of
+    1001 (seqs 70-71) and 1010 (71-72) as a flush does, under the flushes' lock, in a thread
+    (waited for at once, unless the fold holds that lock at ``when``); and the thread."""
+    flushes: list[threading.Thread] = []
+
+    def locked_flush() -> None:
+        with partition_lock(data_dir.resolve(), ("best_limit", DAY.isoformat(), None)):
+            write_day_file(data_dir, BEST_LIMIT, {"1001": range(70, 72), "1010": range(71, 73)})
+
+    def flush_now(step: str, key: Key) -> None:
+        if step == when and key[0] == "best_limit" and not flushes:
+            flushes.append(threading.Thread(target=locked_flush))
+            flushes[0].start()
+            if when != "locked":
+                flushes[0].join()
+
+    return flush_now, flushes
+
+
 @pytest.mark.parametrize("when", ["placed", "verified", "locked"])
 def test_a_flush_into_a_date_being_folded_is_not_lost(tmp_path: Path, when: str) -> None:
     """A day file written before the lock makes the fold start over (and take it in), also
@@ -201,28 +225,13 @@ def test_a_flush_into_a_date_being_folded_is_not_lost(tmp_path: Path, when: str)
     there, its folder one compacted file: kept as it was, they were dropped); one written
     during the swap waits for the lock and lands next to the compacted files."""
     three_flushes(tmp_path)
-    flushes: list[threading.Thread] = []
     outcomes: list[Outcome] = []
-
-    def flush_now(step: str, key: Key) -> None:
-        if step == when and key[0] == "best_limit" and not flushes:
-            flush = threading.Thread(target=locked_flush)
-            flushes.append(flush)
-            flush.start()
-            if when != "locked":
-                flush.join()
-
-    def locked_flush() -> None:
-        from recorder.writer import partition_lock
-
-        with partition_lock(tmp_path.resolve(), ("best_limit", DAY.isoformat(), None)):
-            write_day_file(tmp_path, BEST_LIMIT, {"1001": range(70, 72), "1010": range(71, 73)})
-
     expected = [
         *rows(tmp_path),
         *_view_rows(tmp_path, "1001", range(70, 72)),
         *_view_rows(tmp_path, "1010", range(71, 73)),
     ]
+    flush_now, flushes = flush_during(tmp_path, when)
     compactor = Compactor(tmp_path, on_step=flush_now)
     first = next(p for p in compactor.partitions(lambda d: True) if p.key[0] == "best_limit")
     outcomes.append(compactor.compact(first).outcome)
@@ -276,19 +285,7 @@ def test_a_crash_at_any_step_of_a_fold_then_a_rerun_gives_the_same_rows(
     three_flushes(tmp_path)
     three_flushes(tmp_path, AGGREGATE)
     write_day_file(tmp_path, AGGREGATE, {"1001": range(40, 42)})  # on top of a contract file
-    before = {t: rows(tmp_path, TABLES[t]) for t in ("best_limit", "aggregate")}
-    marks = recovery_marks(tmp_path)
-    crashing = Compactor(tmp_path, on_step=crash_at(step, 2), swap=exchange if atomic else refuse)
-    with pytest.raises(Crash):
-        compact(tmp_path, TEHRAN, now=FUTURE, bar=False, compactor=crashing)
-
-    assert recovery_marks(tmp_path) == marks
-    assert rows(tmp_path) == before["best_limit"]
-    shown = rows(tmp_path, AGGREGATE)
-    if atomic or step != "linked":
-        assert shown == before["aggregate"]
-    else:  # every contract's compacted file is in, and the day files still there
-        assert shown == sorted(before["aggregate"] * 2)
+    before, marks = crash_mid_fold(tmp_path, step, atomic)
 
     result = compact(tmp_path, TEHRAN, now=FUTURE, bar=False, compactor=Compactor(tmp_path))
     assert result.ok
@@ -299,6 +296,32 @@ def test_a_crash_at_any_step_of_a_fold_then_a_rerun_gives_the_same_rows(
         assert folder_files(tmp_path, table) == names
     assert recovery_marks(tmp_path) == marks
     assert_no_leftovers(tmp_path)
+
+
+def crash_mid_fold(
+    data_dir: Path, step: str, atomic: bool, layout: Layout = "contract"
+) -> tuple[dict[str, list[tuple[Any, ...]]], dict[Key, int]]:
+    """Compact best_limit and aggregate in ``layout``, crashing at ``step`` of the second
+    fold (aggregate's), with the exchange or without (``atomic``), and check what that
+    leaves: recovery's rule holds, the views give every row once, but in the fallback's
+    window ("linked" without the exchange), where aggregate's new files are in and what they
+    replace still there (its rows twice). The rows of both tables and the recovery marks
+    from before."""
+    before = {t: rows(data_dir, TABLES[t]) for t in ("best_limit", "aggregate")}
+    marks = recovery_marks(data_dir)
+    swap = exchange if atomic else refuse
+    crashing = Compactor(data_dir, on_step=crash_at(step, 2), swap=swap, layout=layout)
+    with pytest.raises(Crash):
+        compact(data_dir, TEHRAN, now=FUTURE, bar=False, compactor=crashing)
+
+    assert recovery_marks(data_dir) == marks
+    assert rows(data_dir) == before["best_limit"]
+    shown = rows(data_dir, AGGREGATE)
+    if atomic or step != "linked":
+        assert shown == before["aggregate"]
+    else:
+        assert shown == sorted(before["aggregate"] * 2)
+    return before, marks
 
 
 def test_without_the_exchange_a_second_fallback_run_repairs_a_crash(tmp_path: Path) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import threading
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from recorder.accounting import verify
 from recorder.buffer import Key
 from recorder.catalog import day_glob, layered_sql, packed_day_glob, table_glob
 from recorder.compaction import AutoCompaction, compact
-from recorder.compactor import Compactor, Outcome, exchange
+from recorder.compactor import Compactor, Outcome
 from recorder.config import load_config
 from recorder.dayfold import plan_day
 from recorder.daywrite import cut, row_groups
@@ -31,7 +30,6 @@ from recorder.paths import file_name
 from recorder.schema import TABLES, Table
 from recorder.store import Store
 from recorder.storefiles import PACKED
-from recorder.writer import partition_lock
 from tests.test_compaction import (
     FUTURE,
     TEHRAN,
@@ -39,8 +37,8 @@ from tests.test_compaction import (
     assert_no_leftovers,
     checksums,
     crash_at,
+    multiday,  # noqa: F401 (the fixture, by name)
     partitions,
-    record_multiday,
     recovery_marks,
     refuse,
 )
@@ -51,6 +49,8 @@ from tests.test_compaction_days import (
     DAY,
     NOON_US,
     contract_folder,
+    crash_mid_fold,
+    flush_during,
     folder_files,
     rows,
     three_flushes,
@@ -205,20 +205,7 @@ def test_a_crash_at_any_step_of_a_day_fold_then_a_rerun_gives_the_same_rows(
     compact(tmp_path, TEHRAN, days=[DAY], bar=False)  # aggregate's rows in contract files
     for table in (BEST_LIMIT, AGGREGATE):
         write_day_file(tmp_path, table, {"1001": range(40, 42), "1002": range(41, 43)})
-    before = {t: rows(tmp_path, TABLES[t]) for t in ("best_limit", "aggregate")}
-    marks = recovery_marks(tmp_path)
-    swap = exchange if atomic else refuse
-    crashing = date_compactor(tmp_path, on_step=crash_at(step, 2), swap=swap)
-    with pytest.raises(Crash):
-        compact(tmp_path, TEHRAN, now=FUTURE, bar=False, compactor=crashing)
-
-    assert recovery_marks(tmp_path) == marks
-    assert rows(tmp_path) == before["best_limit"]
-    shown = rows(tmp_path, AGGREGATE)
-    if atomic or step != "linked":
-        assert shown == before["aggregate"]
-    else:  # the new file is in, and the files it replaces still there
-        assert shown == sorted(before["aggregate"] * 2)
+    before, marks = crash_mid_fold(tmp_path, step, atomic, layout="date")
 
     result = compact(tmp_path, TEHRAN, now=FUTURE, bar=False, compactor=date_compactor(tmp_path))
     assert result.ok
@@ -256,20 +243,7 @@ def test_a_flush_into_a_date_being_folded_is_not_lost(tmp_path: Path, when: str)
     """A day file written before the lock makes the fold start over; one written during the
     swap waits for the lock and lands next to the new file."""
     three_flushes(tmp_path)
-    flushes: list[threading.Thread] = []
-
-    def flush_now(step: str, key: Key) -> None:
-        if step == when and key[0] == "best_limit" and not flushes:
-            flush = threading.Thread(target=locked_flush)
-            flushes.append(flush)
-            flush.start()
-            if when != "locked":
-                flush.join()
-
-    def locked_flush() -> None:
-        with partition_lock(tmp_path.resolve(), ("best_limit", DAY.isoformat(), None)):
-            write_day_file(tmp_path, BEST_LIMIT, {"1001": range(70, 72), "1010": range(71, 73)})
-
+    flush_now, flushes = flush_during(tmp_path, when)
     compactor = date_compactor(tmp_path, on_step=flush_now)
     first = next(p for p in compactor.partitions(lambda d: True) if p.key[0] == "best_limit")
     outcome = compactor.compact(first).outcome
@@ -410,33 +384,27 @@ def test_a_day_row_without_a_contract_leaves_the_date_alone(tmp_path: Path) -> N
 # ----------------------------------------------------------------- a recorded store, both ways
 
 
-@pytest.fixture(scope="module")
-def recorded(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A multi-day store recorded from the simulator (as tests.test_compaction's)."""
-    data_dir = tmp_path_factory.mktemp("recorded") / "data"
-    record_multiday(data_dir)
-    return data_dir
-
-
 @pytest.fixture
-def both(recorded: Path, tmp_path: Path) -> tuple[Path, Path]:
-    """The recorded multi-day store compacted in each layout."""
+def both(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Path, Path, Path]:
+    """The multi-day store recorded from the simulator (tests.test_compaction's fixture),
+    and copies of it compacted in each layout."""
+    recorded: Path = request.getfixturevalue("multiday")
     by_contract, by_date = tmp_path / "contract", tmp_path / "date"
     shutil.copytree(recorded, by_contract)
     shutil.copytree(recorded, by_date)
     assert compact(by_contract, TEHRAN, now=FUTURE, bar=False).ok
     result = compact(by_date, TEHRAN, now=FUTURE, bar=False, compactor=date_compactor(by_date))
     assert result.ok
-    return by_contract, by_date
+    return recorded, by_contract, by_date
 
 
 def test_a_recorded_store_gives_the_same_answers_in_both_layouts(
-    recorded: Path, both: tuple[Path, Path]
+    both: tuple[Path, Path, Path],
 ) -> None:
     """Every table's counts and checksums, one contract's rows, the as-of state, bars and
     the replay are the same from either layout; the date layout holds one file per table
     partitioned by contract and date; verify finds every frame."""
-    by_contract, by_date = both
+    recorded, by_contract, by_date = both
     assert checksums(by_date) == checksums(recorded) == checksums(by_contract)
     folders = partitions(by_date)
     for folder, names in folders.items():
