@@ -266,17 +266,29 @@ def _existing_dir(data_dir: str) -> Path:
 
 
 @main.command()
-@click.option("--data-dir", default="data", show_default=True, type=click.Path(file_okay=False))
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="The recording's TOML config: its storage.data_dir, storage.partition_timezone and "
+    "compaction.layout are the defaults of the options below.",
+)
+@click.option(
+    "--data-dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="The recording's data directory. [default: data]",
+)
 @click.option(
     "--date", "dates", multiple=True, help="Only this date, YYYY-MM-DD (repeatable); any date."
 )
-@click.option("--timezone", default="Asia/Tehran", show_default=True, help=_TIMEZONE_HELP)
+@click.option("--timezone", default=None, help=_TIMEZONE_HELP + " [default: Asia/Tehran]")
 @click.option(
     "--layout",
     type=click.Choice(["contract", "date"]),
-    default="contract",
-    show_default=True,
-    help="compaction.layout of the recording: one file per contract, or per table and date.",
+    default=None,
+    help="compaction.layout of the recording: one file per contract, or per table and date. "
+    "[default: contract]",
 )
 @click.option(
     "--convert",
@@ -284,22 +296,36 @@ def _existing_dir(data_dir: str) -> Path:
     help="Also rewrite the dates already compacted in the other layout.",
 )
 def compact(
-    data_dir: str, dates: tuple[str, ...], timezone: str, layout: str, convert: bool
+    config_path: str | None,
+    data_dir: str | None,
+    dates: tuple[str, ...],
+    timezone: str | None,
+    layout: str | None,
+    convert: bool,
 ) -> None:
     """Rewrite each partition of every closed date as one sorted file (safe while recording)."""
     from datetime import date
 
     from recorder.compaction import compact as run_compaction
+    from recorder.compactor import Compactor
+    from recorder.config import load_config
 
-    root, zone = _existing_dir(data_dir), _zone(timezone)
+    if config_path is not None:
+        try:
+            config = load_config(config_path)
+        except ConfigError as exc:
+            _fail(str(exc))
+            return
+        data_dir = data_dir or config.storage.data_dir
+        timezone = timezone or config.storage.partition_timezone
+        layout = layout or config.compaction.layout
+    root, zone = _existing_dir(data_dir or "data"), _zone(timezone or "Asia/Tehran")
     try:
         days = [date.fromisoformat(d) for d in dates] or None
     except ValueError as exc:
         _fail(f"--date: {exc}")
         return
     logs.configure("info", "auto")
-    from recorder.compactor import Compactor
-
     compactor = Compactor(root, layout="date" if layout == "date" else "contract", convert=convert)
     result = run_compaction(root, zone, days=days, compactor=compactor)
     for problem in result.problems:

@@ -456,6 +456,31 @@ def test_the_daemon_compacts_in_the_configured_layout(tmp_path: Path) -> None:
     assert folder_files(tmp_path) == ONE_FILE
 
 
+def test_cli_compact_takes_the_recordings_config(tmp_path: Path) -> None:
+    """``--config``: the data directory, time zone and layout of the recording's config."""
+    data_dir = tmp_path / "data"
+    three_flushes(data_dir)
+    config = tmp_path / "recorder.toml"
+    config.write_text(
+        '[feed]\ncontracts = ["1001"]\n'
+        f'[storage]\ndata_dir = "{data_dir}"\npartition_timezone = "Asia/Tehran"\n'
+        '[compaction]\nlayout = "date"\n'
+    )
+    run = subprocess.run(
+        [RECORDER, "compact", "--config", str(config)], capture_output=True, text=True, check=False
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("compacted 1 partition(s)")
+    assert folder_files(data_dir) == ONE_FILE
+
+    config.write_text('[compaction]\nlayout = "hourly"\n')
+    wrong = subprocess.run(
+        [RECORDER, "compact", "--config", str(config)], capture_output=True, text=True, check=False
+    )
+    assert wrong.returncode == 2
+    assert "compaction.layout" in wrong.stderr
+
+
 def test_cli_compact_takes_the_layout_and_converts_when_asked(tmp_path: Path) -> None:
     three_flushes(tmp_path)
     before = rows(tmp_path)
