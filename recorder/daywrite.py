@@ -34,10 +34,6 @@ from recorder.schema import CONTRACT_COLUMN, RECEIVED_DELAY_COLUMN, Table
 
 #: rows whose encodings are measured before the file is opened (the first hours of the date)
 SAMPLE_ROWS = 4 * ROW_GROUP_ROWS
-#: a contract's hour of this many rows or more gets row groups of its own (see :func:`cut`;
-#: on the 20 M store's folded date, one-contract bars 40-42 ms against 47-56 with every
-#: group filled up to ROW_GROUP_ROWS, the as-of no slower, the file 0.5 % bigger)
-ALONE_ROWS = ROW_GROUP_ROWS // 4
 #: the order's first key: ``epoch_us(exchange_ts) // HOUR_US``
 HOUR_US = 3_600_000_000
 
@@ -110,14 +106,12 @@ def row_groups(batches: pa.RecordBatchReader, schema: pa.Schema) -> Iterator[pa.
 
 def cut(rows: pa.Table) -> int:
     """Where the row group starting ``rows`` (sorted as a compacted day file) ends: at the
-    first change of hour; else around a contract's hour of :data:`ALONE_ROWS` rows or more
-    within :data:`ROW_GROUP_ROWS` rows (after it if the group starts with it, else before
-    it); else at the last change of contract within them; else after them (one contract's
-    hour longer than a group).
+    first change of hour, else at the last change of contract within :data:`ROW_GROUP_ROWS`
+    rows, else after them (one contract's hour longer than a group).
 
-    So a row group holds one hour (the as-of reads the groups of its hour only), a busy
-    contract's hour has groups of its own, and a quiet contract's hour is in one group with
-    its neighbours': a one-contract read decompresses little besides its own rows."""
+    So a row group holds one hour, and a contract's hour is in one group wherever it fits
+    (a one-contract read then decompresses one group of each hour, not two, and the as-of
+    reads the groups of its hour only)."""
     head = rows.slice(0, ROW_GROUP_ROWS + 1)
     size = int(head.num_rows)
     if size <= 1:
@@ -129,14 +123,7 @@ def cut(rows: pa.Table) -> int:
     if size <= ROW_GROUP_ROWS:  # the last rows of all, in one hour
         return size
     contracts = _changes(head.column(CONTRACT_COLUMN))
-    if not len(contracts):
-        return ROW_GROUP_ROWS
-    if contracts[0] >= ALONE_ROWS:
-        return int(contracts[0])
-    for start, end in zip(contracts, [*contracts[1:], size], strict=True):
-        if end - start >= ALONE_ROWS:
-            return int(start)
-    return int(contracts[-1])
+    return int(contracts[-1]) if len(contracts) else ROW_GROUP_ROWS
 
 
 def _changes(values: pa.ChunkedArray) -> np.ndarray:

@@ -22,7 +22,7 @@ from recorder.compaction import AutoCompaction, compact
 from recorder.compactor import Compactor, Outcome
 from recorder.config import load_config
 from recorder.dayfold import plan_day
-from recorder.daywrite import ALONE_ROWS, cut, row_groups
+from recorder.daywrite import cut, row_groups
 from recorder.errors import ConfigError
 from recorder.folding import list_date
 from recorder.packing import CONTRACTS_KEY, ROW_GROUP_ROWS
@@ -345,25 +345,10 @@ def test_readers_take_a_compacted_day_files_contracts_from_its_footer(tmp_path: 
     assert PACKED.of(path.with_name(file_name(1, 33, "c"))) is None  # no such file
 
 
-@pytest.mark.parametrize(
-    ("runs", "groups"),
-    [
-        (  # hour, contract, rows
-            [(0, "A", 10_000), (0, "B", 10_000), (0, "C", 20_000), (1, "A", 100)],
-            [10_000, 10_000, 16_384, 3_616, 100],
-        ),
-        (
-            [(0, "A", 1_000), (0, "B", 6_000), (0, "C", 1_000), (0, "D", 1_000), (0, "E", 20_000)],
-            [1_000, 6_000, 2_000, 16_384, 3_616],
-        ),
-        ([(0, "A", 3_000), (0, "B", 3_000), (0, "C", 3_000), (0, "D", 9_000)], [9_000, 9_000]),
-    ],
-)
-def test_row_groups_hold_one_hour_and_a_busy_contracts_hour_alone(
-    runs: list[tuple[int, str, int]], groups: list[int]
-) -> None:
-    """Cuts at each change of hour; around a contract's hour of ALONE_ROWS rows or more;
-    else at the last change of contract that fits in a group; else after a full group."""
+def test_row_groups_hold_one_hour_and_a_contracts_hour_where_it_fits() -> None:
+    """Cuts at each change of hour, else at the last change of contract that fits in a group,
+    else after a full group (a contract's hour longer than one)."""
+    runs = [(0, "A", 10_000), (0, "B", 10_000), (0, "C", 20_000), (1, "A", 100)]
     hours = [h for h, _, n in runs for _ in range(n)]
     data = pa.table(
         {
@@ -374,10 +359,10 @@ def test_row_groups_hold_one_hour_and_a_busy_contracts_hour_alone(
         }
     )
     reader = pa.RecordBatchReader.from_batches(data.schema, data.to_batches(max_chunksize=7_000))
-    cuts = list(row_groups(reader, data.schema))
-    assert (ROW_GROUP_ROWS, ALONE_ROWS) == (16_384, 4_096)
-    assert [g.num_rows for g in cuts] == groups
-    assert pa.concat_tables(cuts).equals(data)
+    groups = list(row_groups(reader, data.schema))
+    assert ROW_GROUP_ROWS == 16_384
+    assert [g.num_rows for g in groups] == [10_000, 10_000, 16_384, 3_616, 100]
+    assert pa.concat_tables(groups).equals(data)
     assert cut(data.slice(0, 0)) == 0
 
 
