@@ -73,6 +73,7 @@ from recorder.packing import ROW_GROUP_ROWS
 from recorder.paths import decode_contract, file_name
 from recorder.schema import CONTRACT_COLUMN, RECEIVED_DELAY_COLUMN, TABLES, Table
 from recorder.state import fsync_dir
+from recorder.storesql import sql_text
 
 log = structlog.get_logger("recorder.dayfold")
 
@@ -228,14 +229,10 @@ def _duckdb(spill: Path) -> Iterator[duckdb.DuckDBPyConnection]:
     try:
         con.execute("SET TimeZone = 'UTC'")
         con.execute(f"SET memory_limit = '{MEMORY_LIMIT}'")
-        con.execute(f"SET temp_directory = '{_text(str(spill / '.spill'))}'")
+        con.execute(f"SET temp_directory = {sql_text(str(spill / '.spill'))}")
         yield con
     finally:
         con.close()
-
-
-def _text(value: str) -> str:
-    return value.replace("'", "''")
 
 
 # ---------------------------------------------------------------------------------- the SQL
@@ -249,7 +246,7 @@ def source_sql(table: Table, live: Path, plan: DayPlan) -> str:
         selects.append(_select(table, columns, paths, day=True))
     day_rows = " UNION ALL ".join(selects)
     if day_rows and plan.covers:
-        covers = ", ".join(f"('{_text(c)}', {lo}, {hi})" for c, lo, hi in plan.covers)
+        covers = ", ".join(f"({sql_text(c)}, {lo}, {hi})" for c, lo, hi in plan.covers)
         day_rows = (
             f"SELECT d.* FROM ({day_rows}) d ANTI JOIN (VALUES {covers}) AS k(contract, lo, hi) "
             "ON d.contract = k.contract AND d.seq BETWEEN k.lo AND k.hi"
@@ -286,7 +283,7 @@ def _select(table: Table, columns: frozenset[str], paths: list[Path], day: bool)
             value = "NULL"
         items.append(f'({value})::{field.type} AS "{field.name}"')
     items.append(f"{CONTRACT_COLUMN}::VARCHAR AS {CONTRACT_COLUMN}")
-    files = ", ".join(f"'{_text(str(p))}'" for p in paths)
+    files = ", ".join(sql_text(str(p)) for p in paths)
     hive = "" if day else ", hive_partitioning = true, hive_types = {'contract': 'VARCHAR'}"
     read = f"read_parquet([{files}], filename = true, file_row_number = true{hive})"
     return f"SELECT {', '.join(items)}, filename AS _file, file_row_number AS _row FROM {read}"

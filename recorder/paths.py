@@ -68,11 +68,11 @@ def is_day_file(path: PurePath | str) -> bool:
 
 
 def is_packed_day_file(path: PurePath | str) -> bool:
-    """Whether ``path`` (a day file, see :func:`is_day_file`) is a compacted one, written by a
-    date fold in the ``date`` layout, ``{table}/date=D/{first}-{last}.c.parquet``: its rows
-    hold ``received_at`` packed as in a contract file
+    """Whether ``path`` is a compacted day file, written by a date fold in the ``date``
+    layout, ``{table}/date=D/{first}-{last}.c.parquet`` (a contract file may end so too): its
+    rows hold ``received_at`` packed as in a contract file
     (:attr:`recorder.schema.Table.packed_day_schema`)."""
-    return PurePath(path).name.endswith(".c.parquet")
+    return is_day_file(path) and PurePath(path).name.endswith(".c.parquet")
 
 
 def file_name(first_seq: int, last_seq: int, tag: str = "") -> str:

@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 
 from recorder.catalog import SCHEMAS
 from recorder.flatten import Extra, Row, to_message
-from recorder.paths import is_day_file, is_packed_day_file
+from recorder.paths import is_packed_day_file
 from recorder.schema import DATA_TABLES, SOURCE_SNAPSHOT, TABLES
 from recorder.storefiles import (
     ONE_US,
@@ -488,7 +488,7 @@ def _packed_rows(files: Files, found: set[str]) -> str | None:
     them is gone (reading it fails, and the request lists the files again)."""
     held: set[str] = set()
     for path in itertools.chain.from_iterable(files.values()):
-        if is_day_file(path) and is_packed_day_file(path):
+        if is_packed_day_file(path):
             contracts = PACKED.of(path)
             if contracts is None:
                 return None

@@ -221,7 +221,7 @@ def test_views_give_back_every_row_of_every_kind_of_file(stores: dict[str, Path]
     data_dir = stores["compacted"]
     files = table_files(data_dir, TABLES["aggregate"])
     kinds = [(is_day_file(f), is_packed_day_file(f)) for f in sorted(files)]
-    assert sorted(kinds) == [(False, True)] * 3 + [(True, False), (True, True)]
+    assert sorted(kinds) == [(False, False)] * 3 + [(True, False), (True, True)]
     schema = pq.read_schema(_packed_file(data_dir, "aggregate"))
     assert RECEIVED_DELAY_COLUMN in schema.names
     assert "received_at" not in schema.names
@@ -497,7 +497,7 @@ def test_every_store_call_of_test_day_files_answers_the_same_compacted(tmp_path:
     _pack_days(packed_dir)
     files = [f for name in BY_CONTRACT for f in table_files(packed_dir, TABLES[name])]
     kinds = {(is_day_file(f), is_packed_day_file(f)) for f in files}
-    assert kinds == {(False, True), (True, False), (True, True)}
+    assert kinds == {(False, False), (True, False), (True, True)}
     for zone in ("Asia/Tehran", None):
         with Store(tmp_path / "contract", zone) as reference, Store(packed_dir, zone) as store:
             for name, call in CALLS.items():
