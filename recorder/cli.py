@@ -32,6 +32,9 @@ def main() -> None:
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help=_HELP_CONFIG)
 def run(config_path: str | None) -> None:
     """Record until SIGTERM or SIGINT (credentials from HEDGETECH_* environment variables)."""
+    from recorder.lean import keep_pandas_out
+
+    keep_pandas_out()  # before the daemon's imports (recorder.lean)
     from recorder.config import load_config, load_credentials
     from recorder.daemon import EXIT_CONFIG
     from recorder.daemon import run as run_daemon
@@ -60,6 +63,9 @@ def demo(
     data_dir: str, contracts: int, rate: float, flush_interval: float, seconds: float | None
 ) -> None:
     """Start the built-in simulator and record from it, with a live progress line."""
+    from recorder.lean import keep_pandas_out
+
+    keep_pandas_out()  # before the daemon's imports (recorder.lean)
     from recorder.demo import run_demo
 
     logs.configure("warning", "console")
