@@ -99,25 +99,31 @@ def _jiffies(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # utime + stime, all threads
 
 
-def _busy_jiffies() -> int:
+def _machine_jiffies() -> tuple[int, int]:
+    """(busy, stolen): the machine's CPU time spent running something, and the time the
+    hypervisor ran other guests while this one had work (``steal``, not in ``busy``)."""
     cpu = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    values = [int(v) for v in cpu]
-    return sum(values) - values[3] - values[4]  # minus idle and iowait
+    # user nice system idle iowait irq softirq steal guest guest_nice (guest is in user)
+    values = [int(v) for v in cpu[:8]]
+    return sum(values) - values[3] - values[4] - values[7], values[7]
 
 
 class CpuMeter:
     """CPU used, in cores, by our processes and by everything else on the machine meanwhile.
 
     Other sessions may run tests on the same 2-core machine: "others" says how much of it
-    they took while a figure was measured. Our processes' CPU is sampled every 0.25 s, so a
-    process that exits before ``stop`` still counts up to its last sample.
+    they took while a figure was measured. The machine is a virtual one, and "stolen" says
+    how much CPU the hypervisor gave other guests while this one wanted it (``steal`` in
+    /proc/stat: ~5 % of two busy cores, ~10 % of an idle machine's, seen on 2026-11-22).
+    Our processes' CPU is sampled every 0.25 s, so a process that exits before ``stop``
+    still counts up to its last sample.
     """
 
     def __init__(self, pids: list[int] | None = None) -> None:
         self.pids = list(pids or [])
         self.result: dict[str, float] = {}
         self._began = 0.0
-        self._busy0 = 0
+        self._busy0 = self._stolen0 = 0
         self._first: dict[int, int] = {}
         self._last: dict[int, int] = {}
         self._stop = threading.Event()
@@ -135,7 +141,8 @@ class CpuMeter:
             self._sample()
 
     def start(self) -> None:
-        self._began, self._busy0 = time.monotonic(), _busy_jiffies()
+        self._began = time.monotonic()
+        self._busy0, self._stolen0 = _machine_jiffies()
         self._sample()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -147,12 +154,15 @@ class CpuMeter:
         self._sample()
         seconds = time.monotonic() - self._began
         hz = os.sysconf("SC_CLK_TCK")
-        busy = (_busy_jiffies() - self._busy0) / hz
+        busy_now, stolen_now = _machine_jiffies()
+        busy = (busy_now - self._busy0) / hz
+        stolen = (stolen_now - self._stolen0) / hz
         ours = sum(self._last[p] - self._first[p] for p in self._last) / hz
         self.result = {
             "seconds": round(seconds, 2),
             "ours_cores": round(ours / seconds, 2),
             "others_cores": round(max(0.0, busy - ours) / seconds, 2),
+            "stolen_cores": round(stolen / seconds, 2),
         }
         return self.result
 

@@ -33,8 +33,13 @@ def _n(value: float, digits: int = 0) -> str:
 
 
 def _others(part: dict[str, Any], key: str = "cpu") -> str:
+    """``0.12 / 0.05``: cores other processes used / the hypervisor stole (results from
+    before the steal was measured show the first only)."""
     cpu = part.get(key) or {}
-    return f"{cpu['others_cores']:.2f}" if "others_cores" in cpu else "n/a"
+    if "others_cores" not in cpu:
+        return "n/a"
+    stolen = cpu.get("stolen_cores")
+    return f"{cpu['others_cores']:.2f}" + ("" if stolen is None else f" / {stolen:.2f}")
 
 
 Row = tuple[str, str, str, str, str]
@@ -263,9 +268,10 @@ def table(total_seconds: float | None) -> str:
     lines = [
         f"Measured {time.strftime('%Y-%m-%d %H:%M')}{code} on {_cores()} cores, Python "
         f"{platform.python_version()} ({versions}); BENCH_SCALE={scales}{took}. "
-        '"Others": cores used by other processes on the machine during the measurement.',
+        '"Others / stolen": cores used by other processes on the machine during the '
+        "measurement / cores the hypervisor gave other virtual machines meanwhile.",
         "",
-        "| measure | result | target | status | others |",
+        "| measure | result | target | status | others / stolen |",
         "|---|---|---|---|---|",
     ]
     lines += [f"| {' | '.join(row)} |" for row in rows]
