@@ -157,19 +157,40 @@ WHERE trade_count > prev_count OR total_volume > prev_volume;
 -- An interval without any snapshot has no bar (see gaps for whether the feed was being
 -- received). `since`/`until` keep trading in [since, until) and read only the date
 -- partitions that can hold it.
+-- Aggregate is read once: each snapshot's step is taken against the last snapshot before it
+-- with counters (the trades view's rule, by lag ... IGNORE NULLS over every snapshot), and
+-- every snapshot carries its last price. Reading trades and aggregate apart read the files
+-- twice: over a date compacted into one file (compaction.layout = "date") one contract-day
+-- took 86 ms against 70 now, all 500 contracts' hours of a date 9.3 s against 3.0.
 CREATE OR REPLACE MACRO bars(bar_width, tz := 'UTC', since := NULL, until := NULL) AS TABLE
-WITH marks AS (
-    SELECT contract, exchange_ts, seq, true AS traded, first_price, high_price, low_price,
-           last_price, volume, value, trade_count
-    FROM trades
-    WHERE (since IS NULL OR (exchange_ts >= since AND date >= CAST(since AS DATE) - 1))
-      AND (until IS NULL OR (exchange_ts < until AND date <= CAST(until AS DATE) + 1))
-    UNION ALL
-    SELECT contract, exchange_ts, seq, false, NULL, NULL, NULL, nullif(last_price, 0),
-           0, 0, 0
+WITH snapshots AS (
+    SELECT contract, exchange_ts, seq, last_price, open_price, high_price, low_price,
+           trade_count, total_volume, total_value,
+           trade_count IS NOT NULL AND total_volume IS NOT NULL AND total_value IS NOT NULL
+               AS counted,
+           lag(CASE WHEN counted THEN {'count': trade_count, 'volume': total_volume,
+                                       'value': total_value, 'high': high_price,
+                                       'low': low_price} END IGNORE NULLS) OVER (
+               PARTITION BY contract, date, trade_date ORDER BY exchange_ts, seq) AS prev
     FROM aggregate
-    WHERE (since IS NULL OR (exchange_ts >= since AND date >= CAST(since AS DATE) - 1))
-      AND (until IS NULL OR (exchange_ts < until AND date <= CAST(until AS DATE) + 1))
+    WHERE (since IS NULL OR date >= CAST(since AS DATE) - 1)
+      AND (until IS NULL OR date <= CAST(until AS DATE) + 1)
+),
+marks AS (
+    SELECT contract, exchange_ts, seq, last_price,
+           coalesce(prev.count, 0) AS prev_count, coalesce(prev.volume, 0) AS prev_volume,
+           coalesce(prev.value, 0) AS prev_value,
+           counted AND (trade_count > prev_count OR total_volume > prev_volume) AS traded,
+           CASE WHEN prev_count = 0 AND open_price > 0 THEN open_price ELSE last_price END
+               AS first_price,
+           CASE WHEN (prev_count = 0 OR high_price > prev.high) AND high_price > 0
+                THEN greatest(high_price, last_price) ELSE last_price END AS high_price,
+           CASE WHEN (prev_count = 0 OR low_price < prev.low) AND low_price > 0
+                THEN least(low_price, last_price) ELSE last_price END AS low_price,
+           trade_count - prev_count AS trade_count, total_volume - prev_volume AS volume,
+           total_value - prev_value AS value
+    FROM snapshots
+    WHERE (since IS NULL OR exchange_ts >= since) AND (until IS NULL OR exchange_ts < until)
 ),
 grouped AS (
     SELECT contract, time_bucket(bar_width, exchange_ts, tz) AS bar_start,
@@ -177,9 +198,10 @@ grouped AS (
            max(high_price) FILTER (WHERE traded) AS high,
            min(low_price) FILTER (WHERE traded) AS low,
            arg_max(last_price, (exchange_ts, seq)) FILTER (WHERE traded) AS close,
-           arg_max(last_price, (exchange_ts, seq)) FILTER (WHERE NOT traded) AS carried,
-           sum(volume)::BIGINT AS volume, sum(value)::BIGINT AS value,
-           sum(trade_count)::BIGINT AS trade_count
+           arg_max(nullif(last_price, 0), (exchange_ts, seq)) AS carried,
+           coalesce(sum(volume) FILTER (WHERE traded), 0)::BIGINT AS volume,
+           coalesce(sum(value) FILTER (WHERE traded), 0)::BIGINT AS value,
+           coalesce(sum(trade_count) FILTER (WHERE traded), 0)::BIGINT AS trade_count
     FROM marks
     GROUP BY ALL
 )

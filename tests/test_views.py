@@ -292,6 +292,35 @@ def test_asof_state_is_each_contracts_last_message_at_or_before(store: Path) -> 
     assert recent == [("B",)]
 
 
+def test_bars_step_over_snapshots_without_counters(tmp_path: Path) -> None:
+    """A snapshot without trade counters (a partial Aggregate) is no step of trading, and
+    the next snapshot's step is taken against the one before it that had counters, as the
+    trades view takes it; its last price is carried all the same (0 carries nothing)."""
+    bare = row("aggregate", exchange_ts=at(6, 0, 20), seq=2, trade_date=DAY, last_price=104.0)
+    unpriced = row("aggregate", exchange_ts=at(6, 2, 10), seq=5, trade_date=DAY, last_price=0.0)
+    rows = [
+        aggregate(1, at(6, 0, 10), DAY, 2, 10, 1000, 100, 101, 99, 99),
+        bare,
+        aggregate(3, at(6, 0, 30), DAY, 3, 15, 1520, 104, 104, 99, 99),
+        aggregate(4, at(6, 1, 10), DAY, 3, 15, 1520, 104, 104, 99, 99),
+        unpriced,
+    ]
+    ParquetWriter(tmp_path, fsync=False).write(Batch(("aggregate", "2026-05-30", "C"), rows))
+    con = recorder.connect(tmp_path)
+    steps = "SELECT seq, trade_count, volume, value, first_price, high_price, low_price"
+    assert _query(con, f"{steps} FROM trades ORDER BY seq") == [
+        (1, 2, 10, 1000, 99.0, 101.0, 99.0),
+        (3, 1, 5, 520, 104.0, 104.0, 104.0),
+    ]
+    assert _query(con, "SELECT * FROM bars(INTERVAL '1 minute') ORDER BY bar_start") == [
+        ("C", at(6, 0, 0), 99.0, 104.0, 99.0, 104.0, 15, 1520, 3),
+        ("C", at(6, 1, 0), 104.0, 104.0, 104.0, 104.0, 0, 0, 0),
+        ("C", at(6, 2, 0), None, None, None, None, 0, 0, 0),
+    ]
+    window = "bars(INTERVAL '1 hour', since := TIMESTAMPTZ '2026-05-30 06:00:25+00')"
+    assert _query(con, f"SELECT volume, trade_count, open FROM {window}") == [(5, 1, 104.0)]
+
+
 def test_bars_join_gaps_to_flag_incomplete_history(store: Path) -> None:
     """A bar overlapping a gap of its contract is flagged; gaps and sessions join on contract."""
     con = recorder.connect(store)
