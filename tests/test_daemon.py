@@ -56,13 +56,11 @@ def recorder_env(**extra: str) -> dict[str, str]:
     return env
 
 
-@pytest.mark.slow
-def test_sigterm_mid_stream_loses_nothing_received(simulator: Any, tmp_path: Path) -> None:
-    """SIGTERM while messages stream: exit 0, and every frame the server sent is a stored row."""
-    sim = simulator(contracts=6, rate=1500, keep_sent=True)
-    data_dir = tmp_path / "data"
-    config = write_config(tmp_path / "c.toml", sim, data_dir, [c.id for c in sim.contracts])
-    env = recorder_env(HEDGETECH_USERNAME="demo", HEDGETECH_PASSWORD="demo")
+def run_until_sigterm(
+    config: Path, env: dict[str, str], sim: Any, data_dir: Path, frames: int
+) -> str:
+    """``ime-recorder run`` until ``sim`` sent ``frames`` and a first flush is on disk, then
+    SIGTERM; its stderr, once it exited 0."""
     proc = subprocess.Popen(
         [RECORDER, "run", "--config", str(config)],
         env=env,
@@ -71,13 +69,24 @@ def test_sigterm_mid_stream_loses_nothing_received(simulator: Any, tmp_path: Pat
         text=True,
     )
     try:
-        wait_for(lambda: len(sim.sent) >= 3000, timeout=30, what="3000 frames sent")
+        wait_for(lambda: len(sim.sent) >= frames, timeout=30, what=f"{frames} frames sent")
         wait_for(lambda: any(data_dir.glob("aggregate/*/*.parquet")), what="a first flush")
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=15)
     finally:
         proc.kill()
     assert proc.returncode == 0, stderr[-2000:]
+    return stderr
+
+
+@pytest.mark.slow
+def test_sigterm_mid_stream_loses_nothing_received(simulator: Any, tmp_path: Path) -> None:
+    """SIGTERM while messages stream: exit 0, and every frame the server sent is a stored row."""
+    sim = simulator(contracts=6, rate=1500, keep_sent=True)
+    data_dir = tmp_path / "data"
+    config = write_config(tmp_path / "c.toml", sim, data_dir, [c.id for c in sim.contracts])
+    env = recorder_env(HEDGETECH_USERNAME="demo", HEDGETECH_PASSWORD="demo")
+    stderr = run_until_sigterm(config, env, sim, data_dir, frames=3000)
     sent = sim.sent
     con = recorder.connect(data_dir)
     assert con.execute("SELECT count(*), count(DISTINCT seq) FROM aggregate").fetchone() == (

@@ -9,7 +9,6 @@ without ever doing so.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +17,7 @@ from typing import Any
 import pytest
 
 import recorder
-from tests.conftest import wait_for
-from tests.test_daemon import RECORDER, recorder_env, write_config
+from tests.test_daemon import RECORDER, recorder_env, run_until_sigterm, write_config
 
 _STAND_IN = """\
 import os
@@ -106,21 +104,7 @@ def test_run_records_without_pandas(simulator: Any, tmp_path: Path, pandas_env: 
     sim = simulator(contracts=3, rate=200, keep_sent=True)
     data_dir = tmp_path / "data"
     config = write_config(tmp_path / "c.toml", sim, data_dir, [c.id for c in sim.contracts])
-    proc = subprocess.Popen(
-        [RECORDER, "run", "--config", str(config)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        wait_for(lambda: len(sim.sent) >= 300, timeout=30, what="300 frames sent")
-        wait_for(lambda: any(data_dir.glob("aggregate/*/*.parquet")), what="a first flush")
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=15)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, stderr[-2000:]
+    run_until_sigterm(config, env, sim, data_dir, frames=300)
     con = recorder.connect(data_dir)
     assert con.execute("SELECT count(*) FROM aggregate").fetchone() == (len(sim.sent),)
     assert not mark.exists()
