@@ -246,6 +246,31 @@ def date_layout_rows(part: dict[str, Any]) -> list[Row]:
     return rows
 
 
+#: stolen cores from which the table's header says the run measured a slowed machine
+STOLEN_NOTED = 0.2
+
+
+def _most_stolen(value: Any) -> float:
+    """The most cores the hypervisor took during any one measurement in a part's results."""
+    if isinstance(value, dict):
+        own = value.get("stolen_cores")
+        return max([float(own or 0.0), *map(_most_stolen, value.values())])
+    if isinstance(value, list):
+        return max(map(_most_stolen, value), default=0.0)
+    return 0.0
+
+
+def _stolen_note(parts: dict[str, dict[str, Any] | None]) -> str:
+    """A warning for the header when the hypervisor took STOLEN_NOTED cores or more."""
+    stolen, part = max((_most_stolen(results), name) for name, results in parts.items())
+    if stolen < STOLEN_NOTED:
+        return ""
+    return (
+        f" **The hypervisor took up to {stolen:.2f} of the cores during a measurement (part "
+        f"{part}): this run's figures are those of a slowed machine.**"
+    )
+
+
 def table(total_seconds: float | None) -> str:
     rows = [
         *throughput_rows(_load("throughput")),
@@ -269,7 +294,8 @@ def table(total_seconds: float | None) -> str:
         f"Measured {time.strftime('%Y-%m-%d %H:%M')}{code} on {_cores()} cores, Python "
         f"{platform.python_version()} ({versions}); BENCH_SCALE={scales}{took}. "
         '"Others / stolen": cores used by other processes on the machine during the '
-        "measurement / cores the hypervisor gave other virtual machines meanwhile.",
+        "measurement / cores the hypervisor gave other virtual machines meanwhile."
+        + _stolen_note({p: _load(p) for p in ("throughput", "memory", "latency")}),
         "",
         "| measure | result | target | status | others / stolen |",
         "|---|---|---|---|---|",
