@@ -106,6 +106,18 @@ def throughput_rows(part: dict[str, Any] | None) -> list[Row]:
     return rows
 
 
+def _spilled(part: dict[str, Any]) -> str:
+    """What waited in the journal while memory was full (recorder.spill), if anything."""
+    spilled = part.get("spilled_total") or 0
+    if not spilled:
+        return ""
+    waiting = part.get("waiting_in_journal_at_end") or 0
+    return (
+        f"; {spilled:,.0f} frames waited in the journal while memory was full "
+        f"({waiting:,.0f} still there at the window's end, stored by the final flush)"
+    )
+
+
 def memory_rows(part: dict[str, Any] | None) -> list[Row]:
     if part is None:
         return [("2 memory", "not measured", "", "", "")]
@@ -116,6 +128,7 @@ def memory_rows(part: dict[str, Any] | None) -> list[Row]:
             f"{part['peak_rss_mb_in_window']:.0f} MB while receiving ({part['peak_rss_mb']:.0f} MB "
             f"incl. the final flush; median {part.get('median_rss_mb_in_window', 0):.0f} MB); "
             f"received {_n(part['received_rate'])} msg/s: {sustained}"
+            + _spilled(part)
             + (
                 f"; **settings not the defaults**: {part['config_overrides']}"
                 if part.get("config_overrides")

@@ -69,6 +69,8 @@ class JournalConfig(_Section, frozen=True):
     fsync_interval_seconds: float = 0.02  # a power loss takes about this much of the stream
     write_interval_seconds: float = 0.005  # a kill -9 takes at most this much
     segment_megabytes: int = 64
+    # frames waiting in the journal while memory is full (recorder.spill); beyond, readers stop
+    max_spill_megabytes: int = 4096
     retention_days: float = 0.0  # 0: remove segments once in Parquet; else keep them compressed
 
 
@@ -206,6 +208,7 @@ def _check(config: Config) -> None:
         "journal.fsync_interval_seconds": config.journal.fsync_interval_seconds,
         "journal.write_interval_seconds": config.journal.write_interval_seconds,
         "journal.segment_megabytes": config.journal.segment_megabytes,
+        "journal.max_spill_megabytes": config.journal.max_spill_megabytes,
     }
     for key, value in positive.items():
         if not 0 < value < math.inf:  # also refuses NaN

@@ -31,9 +31,10 @@ from recorder.journal import Journal
 from recorder.logs import Muted
 from recorder.paths import partition_date
 from recorder.plain import flatten_fast, plain_frame
-from recorder.records import EVENT, FRAME, SNAPSHOT
+from recorder.records import EVENT, FRAME, SNAPSHOT, Record
 from recorder.reference import reference_row
 from recorder.schema import SOURCE_SNAPSHOT, SOURCE_STREAM
+from recorder.spill import Spill
 from recorder.state import SeqAllocator
 
 log = structlog.get_logger("recorder.intake")
@@ -54,7 +55,9 @@ class Stats:
     quarantined: int = 0
     recovered: int = 0
     decoded_in_bulk: int = 0  # plain frames whose rows DuckDB built
-    pauses: int = 0  # times the readers were stopped because memory held max_buffered_rows
+    pauses: int = 0  # times the readers were stopped (memory full and no spilling, see below)
+    spills: int = 0  # times memory filled and frames went on to wait in the journal
+    spilled: int = 0  # frames and snapshots that waited in the journal (recorder.spill)
     rows_written: Counter[str] = field(default_factory=Counter)
     files_written: int = 0
     bytes_written: int = 0
@@ -130,6 +133,8 @@ class Intake:
         self._muted = Muted(log)
         #: set while replaying the journal: tells which partitions already hold a seq
         self._skip: Callable[[Key, int], bool] | None = None
+        #: set while frames wait in the journal because memory is full (recorder.spill)
+        self._spill: Spill | None = None
         self.stats = Stats()
 
     def _check_pressure(self) -> None:
@@ -164,11 +169,30 @@ class Intake:
             self.journal.extend(FRAME, first, received_us, connection, raws)
         self.stats.frames += count
         self._last_frame_at = now = time.monotonic()
+        if self._spill is not None:  # memory is full: the frames wait in the journal
+            self._spill.spilled(FRAME, first, received_us, connection, raws)
+            self.stats.spilled += count
+        else:
+            self._take(connection, frames, raws, received_us, first, now)
+        # once a call, after its frames joined: a full memory stops the readers before their
+        # next read (this read's frames are in already; TCP holds the server back)
+        self._check_pressure()
+        return first
+
+    def _take(
+        self,
+        connection: str,
+        frames: Sequence[bytes | str],
+        raws: list[bytes],
+        received_us: int,
+        first: int,
+        now: float,
+    ) -> None:
+        """Check each frame (``raws``: as bytes) of seqs from ``first`` and buffer it."""
         if not self._bulk or self._skip is not None:
             for seq, frame in enumerate(frames, first):
                 self._ingest(connection, frame, received_us, seq, now)
-            self._check_pressure()
-            return first
+            return
         naive_tz, dedupe, local_day = self._naive_tz, self._dedupe, self._local_day
         seqs: list[int] = []
         exchange: list[int] = []
@@ -199,10 +223,6 @@ class Intake:
             self.stats.last_message_at.update(dict.fromkeys(contracts, received_us / 1e6))
             if waiting < DECODE_FRAMES <= len(batch):  # once: the flusher takes every frame
                 self._wake.set()
-        # once a call, after its frames joined: a full memory stops the readers before their
-        # next read (this read's frames are in already; TCP holds the server back)
-        self._check_pressure()
-        return first
 
     def on_snapshot(self, connection: str, message: bytes, received_us: int) -> int:
         """Take one live-overview snapshot, already in wire shape; stored with source=snapshot."""
@@ -210,11 +230,24 @@ class Intake:
         if self.journal is not None:
             self.journal.append(SNAPSHOT, seq, received_us, connection, message)
         self.stats.snapshots += 1
-        self._ingest(connection, message, received_us, seq, time.monotonic(), SOURCE_SNAPSHOT)
+        if self._spill is not None:  # its rows go where the frames' go: after them
+            self._spill.spilled(SNAPSHOT, seq, received_us, connection, [message])
+            self.stats.spilled += 1
+        else:
+            self._ingest(connection, message, received_us, seq, time.monotonic(), SOURCE_SNAPSHOT)
         return seq
 
     def overlap(self, contracts: tuple[str, ...], active: bool) -> None:
-        """While two streams carry ``contracts``, a repeated (contract, exchange_ts) is dropped."""
+        """While two streams carry ``contracts``, a repeated (contract, exchange_ts) is dropped.
+
+        While frames wait in the journal, the change waits for the frames that came before it.
+        """
+        if self._spill is not None:
+            self._spill.overlaps.append((self._seq.last, contracts, active))
+            return
+        self._overlap(contracts, active)
+
+    def _overlap(self, contracts: tuple[str, ...], active: bool) -> None:
         for contract in contracts:
             if active:
                 self._dedupe.setdefault(contract, set())
@@ -293,6 +326,45 @@ class Intake:
             if section not in self._seen_sections:
                 self._seen_sections.add(section)
                 log.info("unknown section kept in extras", section=section, contract=contract)
+
+    # ------------------------------------------------------------------ spilled frames
+
+    def read_back(self, spill: Spill, records: list[Record]) -> None:
+        """Take frames and snapshots that waited in the journal (records in seq order, as
+        :class:`~recorder.spill.JournalTail` reads them) as :meth:`on_frames` and
+        :meth:`on_snapshot` would have when they came; events were taken then already."""
+        now = time.monotonic()
+        i, count = 0, len(records)
+        while i < count:
+            record = records[i]
+            for contracts, active in spill.due_overlaps(record.seq):
+                self._overlap(contracts, active)
+            if record.kind == FRAME:  # a run: the frames of one socket read
+                j = i + 1
+                while (
+                    j < count
+                    and records[j].kind == FRAME
+                    and records[j].seq == records[j - 1].seq + 1
+                    and records[j].received_us == record.received_us
+                    and records[j].connection == record.connection
+                ):
+                    j += 1
+                raws = [r.payload for r in records[i:j]]
+                spill.taken(raws)
+                self._take(record.connection, raws, raws, record.received_us, record.seq, now)
+                i = j
+                continue
+            if record.kind == SNAPSHOT:
+                spill.taken([record.payload])
+                self._ingest(
+                    record.connection,
+                    record.payload,
+                    record.received_us,
+                    record.seq,
+                    now,
+                    SOURCE_SNAPSHOT,
+                )
+            i += 1
 
     # ------------------------------------------------------------------ journal replay
 

@@ -240,10 +240,21 @@ class RecorderCollector(Collector):
         yield gauge("rows_buffered", "Rows in memory waiting for a flush", pipeline.rows_buffered)
         yield counter(
             "reader_pauses",
-            "Times the readers stopped because memory held storage.max_buffered_rows",
+            "Times the readers stopped: memory full and the journal unable to hold more",
             stats.pauses,
         )
         yield gauge("readers_paused", "1 while the readers wait for a flush", int(pipeline.full))
+        yield counter(
+            "spills", "Times memory filled and frames went to wait in the journal", stats.spills
+        )
+        yield counter(
+            "frames_spilled", "Frames and snapshots that waited in the journal", stats.spilled
+        )
+        yield gauge(
+            "frames_in_journal_waiting",
+            "Frames and snapshots waiting in the journal to be read back",
+            pipeline.spilled_waiting,
+        )
         yield counter(
             "frames_decoded_in_bulk", "Plain frames whose rows DuckDB built", stats.decoded_in_bulk
         )

@@ -4,8 +4,10 @@
 numbers, the journal, flattening, quarantine) and buffers their rows. Decoding and Parquet
 writes run in one worker thread (recorder.flushing), so a slow disk never stalls the receive
 loops; a failed write puts its rows back and is retried with backoff. Once every row of a
-frame is in Parquet, its journal segment goes. Memory is bounded by rows: the readers stop
-while ``max_buffered_rows`` wait, and go on once a flush has written them.
+frame is in Parquet, its journal segment goes. Memory is bounded by rows: once
+``max_buffered_rows`` wait, the frames that come next wait in the journal and are read back
+as flushes make room (recorder.spill); without a working journal, or once
+``journal.max_spill_megabytes`` wait there, the readers stop until a flush makes room.
 """
 
 from __future__ import annotations
@@ -25,9 +27,12 @@ from recorder.columnar import FrameBatch
 from recorder.config import JournalConfig, StorageConfig
 from recorder.flushing import FlushWorker
 from recorder.intake import DECODE_FRAMES, Intake
+from recorder.spill import READ_BYTES, Spill
 
 log = structlog.get_logger("recorder.pipeline")
 
+#: records read back between two turns of the readers (a few ms of the event loop)
+READ_BACK_SLICE = 1000
 #: once no frame has come for this long, the rows waiting are written at once: nothing more
 #: is coming to batch them with (the end of a burst or of a session is visible promptly)
 QUIET_SECONDS = 0.5
@@ -63,10 +68,14 @@ class Pipeline(Intake):
         self._stopping = asyncio.Event()
         self._closing = False
         self._flusher: asyncio.Task[None] | None = None
+        self._reader: asyncio.Task[None] | None = None  # reads back spilled frames
         self._failures = 0
         self._worker = FlushWorker(
             data_dir, storage, naive_tz, self.journal, self.stats, self._muted
         )
+        self._max_spill_bytes = (journal.max_spill_megabytes if journal else 0) * 1024 * 1024
+        #: frames waiting in the journal are read back while memory holds fewer rows
+        self._read_back_below = max(1, storage.max_buffered_rows // 2)
 
     @property
     def rows_buffered(self) -> int:
@@ -75,13 +84,39 @@ class Pipeline(Intake):
         waiting = int(len(self._frames.seq) * self._worker.rows_per_frame)
         return self._buffer.rows + self._parts_rows + waiting + self._in_flight_rows
 
+    @property
+    def _rows_held(self) -> int:
+        """:attr:`rows_buffered` but those of the decode or flush under way."""
+        return self.rows_buffered - self._in_flight_rows
+
+    @property
+    def spilled_waiting(self) -> int:
+        """Frames and snapshots waiting in the journal to be read back (recorder.spill)."""
+        return 0 if self._spill is None else self._spill.frames
+
     def _check_pressure(self) -> None:
-        if self.rows_buffered >= self.storage.max_buffered_rows:
+        """Spill or stop the readers when memory is full; restart them once there is room."""
+        journal, spill = self.journal, self._spill
+        memory_full = self.rows_buffered >= self.storage.max_buffered_rows
+        if memory_full and spill is None and journal is not None and not journal.failing:
+            spill = self._spill = Spill(journal.dir, self._seq.last + 1)
+            self.stats.spills += 1
+            self._reader = asyncio.get_running_loop().create_task(
+                self._read_back_while(spill), name="read-back"
+            )
+            log.info("memory full: frames wait in the journal", rows=self.rows_buffered)
+        if spill is None:
+            stop = memory_full
+        else:  # the frames wait on disk, unless the journal cannot take them or holds enough
+            failing = journal is not None and journal.failing
+            stop = failing or spill.bytes >= self._max_spill_bytes
+        if memory_full:
+            self._wake.set()
+        if stop:
             if not self.full:
                 self.full = True
                 self.stats.pauses += 1
             self._room.clear()
-            self._wake.set()
         elif self.full:
             self.full = False
             self._room.set()
@@ -115,13 +150,66 @@ class Pipeline(Intake):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), backoff)
 
+    async def _read_back_while(self, spill: Spill) -> None:
+        """Read back what waits in the journal until nothing does (or the pipeline closes).
+
+        A task of its own, beside the flusher: frames are read back and checked while the
+        rows read before are decoded and written, each half of memory's bound in turn.
+        """
+        while self._spill is spill and not self._closing:
+            try:
+                taken = await self.read_back_spilled()
+            except Exception as exc:  # a read error: the frames stay in the journal meanwhile
+                self._muted.warning("read-back", "reading back the journal failed", error=str(exc))
+                await asyncio.sleep(1.0)
+                continue
+            if taken == 0:
+                await asyncio.sleep(0.005)  # no room yet, or nothing new in the journal
+
+    async def read_back_spilled(self) -> int | None:
+        """Read back some of what waits in the journal while memory has room (half the bound,
+        besides the decode or flush under way): how many records were taken (0: no room, or
+        nothing new written yet), or None once nothing waits any more.
+
+        Once the journal file is read to its end and memory has room for more, the frames
+        the journal has not written yet are taken from memory (:meth:`Spill.rest`), all in
+        one step of the event loop, and frames go to memory again.
+        """
+        spill = self._spill
+        if spill is None:
+            return None
+        room = self._read_back_below - self._rows_held
+        if room <= 0:
+            return 0
+        frame_bytes = spill.bytes / spill.frames if spill.frames else 1024
+        wanted = int(room / self._worker.rows_per_frame * frame_bytes)
+        records = await asyncio.to_thread(spill.tail.read, min(READ_BYTES, max(65536, wanted)))
+        for first in range(0, len(records), READ_BACK_SLICE):
+            self.read_back(spill, records[first : first + READ_BACK_SLICE])
+            self._wake.set()  # the flusher decodes and writes them
+            await asyncio.sleep(0)  # the readers' turn: the stream comes first
+        if not records and self._rows_held < self._read_back_below // 2:
+            rest = spill.rest()
+            if rest is not None:  # all in memory: take them, and the stream goes there again
+                self.read_back(spill, rest)
+                for contracts, active in spill.due_overlaps(self._seq.last + 1):
+                    self._overlap(contracts, active)
+                self._spill = None
+                self._wake.set()
+                log.info("frames go to memory again", spilled=self.stats.spilled)
+                self._check_pressure()
+                return None
+        self._check_pressure()
+        return len(records)
+
     def due(self, now: float) -> bool:
         """A flush is due when the decoded rows fill a file (``max_rows_per_file``: a flush
         costs about the same per row whatever its size, so a busy feed is written as it
         comes rather than held), when memory holds too many rows, or early enough that the
         oldest row is visible flush_interval after it came (a flush starts ahead by the last
         one's duration, at most half the interval), or at once when no frame has come for
-        ``QUIET_SECONDS``."""
+        ``QUIET_SECONDS``; while frames wait in the journal, once memory holds half its bound
+        (what is read back waits for room)."""
         interval = self.storage.flush_interval_seconds
         deadline = now - interval + min(self._last_flush_seconds, interval / 2)
         if now - self._last_frame_at >= QUIET_SECONDS:
@@ -130,6 +218,7 @@ class Pipeline(Intake):
             bool(self._buffer.due(now))
             or self._parts_rows >= self.storage.max_rows_per_file
             or self.rows_buffered >= self.storage.max_buffered_rows
+            or (self._spill is not None and self._rows_held >= self._read_back_below)
             or any(
                 since is not None and since <= deadline
                 for since in (self._frames.started, self._parts_since)
@@ -163,9 +252,12 @@ class Pipeline(Intake):
         if self._parts and (self._parts_since is None or since < self._parts_since):
             self._parts_since = since
 
-    def relieve_memory(self) -> None:
-        """Before the loop runs: write everything when the buffer is full (recovery only)."""
+    def relieve_memory(self, replayed_seq: int) -> None:
+        """Before the loop runs: write everything when the buffer is full (recovery only; the
+        records up to ``replayed_seq`` came from the journal file, so they count as written)."""
         if self._buffer.rows >= self.storage.max_buffered_rows:
+            if self.journal is not None:
+                self.journal.recovered_up_to(replayed_seq)
             _, failed, error = self._worker.write_now(self._buffer.take_all(), FrameBatch(), {})
             if error is not None:
                 self._keep(failed, time.monotonic())
@@ -230,6 +322,7 @@ class Pipeline(Intake):
                 self._frames.first_seq,
                 self._parts_min_seq,
                 self._in_flight_min_seq,
+                None if self._spill is None else self._spill.position,
             ]
             floor = min((f for f in floors if f is not None), default=None)
             self.journal.release(self._seq.last + 1 if floor is None else floor)
@@ -241,15 +334,25 @@ class Pipeline(Intake):
         self._stopping.set()
         if self._flusher is not None:
             await self._flusher  # it finishes the write in progress, so files stay in seq order
+        if self._reader is not None:
+            await self._reader  # it finishes the read-back in progress
         deadline = time.monotonic() + patience
         ok = await self.flush(None)
-        while not ok and time.monotonic() < deadline:
-            await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+        while time.monotonic() < deadline:
+            if not ok:
+                await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+            elif self._spill is None:
+                break
+            elif await self.read_back_spilled() == 0 and self.rows_buffered == 0:
+                await asyncio.sleep(0.01)  # the journal has not written the last frames yet
             ok = await self.flush(None)
-        if not ok:
+        if not ok or self._spill is not None:
             log.error(
-                "rows not written before exit; they stay in the journal", rows=self._buffer.rows
+                "rows not written before exit; they stay in the journal",
+                rows=self._buffer.rows,
+                frames_in_journal=self.spilled_waiting,
             )
+            ok = False
         self._worker.close()
         if self.journal is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.journal.close)

@@ -114,7 +114,7 @@ def recover(pipeline: Pipeline) -> Recovered:
                 pipeline.replay_event(
                     orjson.loads(record.payload), record.seq, record.received_us, now
                 )
-            pipeline.relieve_memory()
+            pipeline.relieve_memory(highest)
     finally:
         pipeline.replaying(None)
     pipeline.seq_above(highest)

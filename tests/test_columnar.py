@@ -12,6 +12,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import duckdb
+import msgspec
 import orjson
 import pyarrow as pa
 import pytest
@@ -26,7 +27,7 @@ from recorder.columnar import (
     partitions,
     parts_schema,
 )
-from recorder.config import StorageConfig
+from recorder.config import JournalConfig, StorageConfig
 from recorder.flushing import DECODE_CHUNK_FRAMES, ROWS_PER_FRAME
 from recorder.intake import DECODE_FRAMES
 from recorder.pipeline import Pipeline
@@ -343,11 +344,13 @@ def test_partitions_make_day_files_cut_between_frames_and_ordered_by_contract() 
 def test_readers_pause_while_memory_is_full_and_nothing_is_lost(
     simulator: Any, tmp_path: Path
 ) -> None:
-    """With max_buffered_rows tiny, the readers stop and wait for flushes (TCP holds the
-    server back), and every frame sent is still stored exactly once."""
+    """With max_buffered_rows tiny and no journal to spill to (tests/test_spill.py has the
+    spilling), the readers stop and wait for flushes (TCP holds the server back), and every
+    frame sent is still stored exactly once."""
     sim = simulator(contracts=6, rate=0, max_messages=4000, fast=True, keep_sent=True)
     storage = {"flush_interval_seconds": 60.0, "max_buffered_rows": 400, "fsync": False}
     config = make_config(sim, tmp_path / "data", storage=storage)
+    config = msgspec.structs.replace(config, journal=JournalConfig(enabled=False))
     rec = record_until(config, lambda r: r.pipeline.stats.frames >= 4000, timeout=60)
 
     assert rec.pipeline.stats.pauses >= 3

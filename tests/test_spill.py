@@ -1,0 +1,234 @@
+"""Spilling: with memory full, frames wait in the journal and are read back (recorder.spill)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+import recorder
+from recorder.config import JournalConfig, StorageConfig
+from recorder.intake import DUPLICATE
+from recorder.journal import Journal
+from recorder.pipeline import Pipeline
+from recorder.records import EVENT, FRAME
+from recorder.simcontracts import make_contracts
+from recorder.spill import JournalTail
+from tests.conftest import make_config, record_until, wait_for
+from tests.test_columnar import RECEIVED, RUNS, TEHRAN, everything, feed
+from tests.test_crash import expected_counts, journaled_frames
+from tests.test_daemon import RECORDER, recorder_env, write_config
+from tests.test_recording import expected_rows, stored_rows
+
+#: the overlap of two streams over the first ten contracts begins and ends at these frames
+OVERLAPS = ((400, True), (1_700, False), (2_600, True))
+OVERLAPPED = tuple(c.id for c in make_contracts(30, 7)[:10])
+
+
+def repeated_feed() -> list[bytes]:
+    """Simulator frames of every wire variant, every fifth one sent twice (as two streams
+    would during an overlap: the repeat is dropped while the overlap lasts, else kept)."""
+    frames = feed(2_500, variant_mix=True, malformed=0.05, unknown_sections=0.05)
+    return [f for i, frame in enumerate(frames) for f in (frame,) * (1 + (i % 5 == 0))]
+
+
+def record(data_dir: Path, frames: list[bytes], max_buffered_rows: int) -> Pipeline:
+    """The frames through a pipeline with a journal, in runs (cycled), the overlap changing
+    at :data:`OVERLAPS`; the event loop turns between runs, as it does between socket reads."""
+    storage = StorageConfig(
+        data_dir=str(data_dir),
+        flush_interval_seconds=3600,
+        fsync=False,
+        max_buffered_rows=max_buffered_rows,
+    )
+
+    async def run() -> Pipeline:
+        pipeline = Pipeline(data_dir, storage, TEHRAN, TEHRAN, JournalConfig(fsync=False))
+        pipeline.start()
+        changes = list(OVERLAPS)
+        start = 0
+        for turn, size in enumerate(itertools.cycle(RUNS)):
+            if start >= len(frames):
+                break
+            while changes and changes[0][0] <= start:
+                pipeline.overlap(OVERLAPPED, changes.pop(0)[1])
+            run = frames[start : start + size]
+            pipeline.on_frames("conn", list(run), RECEIVED + start)
+            start += len(run)
+            await asyncio.sleep(0.01 if turn % 3 == 0 else 0)
+        assert await pipeline.close()
+        return pipeline
+
+    return asyncio.run(run())
+
+
+def test_frames_spilled_to_the_journal_are_stored_as_if_memory_had_held_them(
+    tmp_path: Path,
+) -> None:
+    """A memory bound of ~100 frames against 3,000: frames wait in the journal and are read
+    back, and every table (quarantine and extras included) ends up row for row as with room
+    for all of them, the overlap's duplicates dropped exactly where they were; the readers
+    never stopped, and the journal is empty once everything is in Parquet."""
+    frames = repeated_feed()
+    roomy = record(tmp_path / "roomy", frames, 2_000_000)
+    tight = record(tmp_path / "tight", frames, 600)
+
+    assert roomy.stats.spills == roomy.stats.spilled == 0
+    assert tight.stats.spills >= 1
+    assert tight.stats.spilled > 1_000
+    assert tight.stats.pauses == 0
+    stored = everything(tmp_path / "tight")
+    assert stored == everything(tmp_path / "roomy")
+    assert len(stored["aggregate"]) > 2_000
+    con = recorder.connect(tmp_path / "tight")
+    duplicates = con.execute("SELECT count(*) FROM quarantine WHERE reason = ?", [DUPLICATE])
+    assert (duplicates.fetchone() or (0,))[0] > 20
+    assert not list((tmp_path / "tight" / "_journal").glob("*.jnl"))
+
+
+def test_the_readers_stop_once_the_journal_holds_max_spill_megabytes(
+    simulator: Any, tmp_path: Path
+) -> None:
+    """With 1 MB allowed to wait in the journal, the readers stop when it does (TCP holds the
+    server back), and every message still becomes exactly its rows."""
+    sent = 6_000
+    sim = simulator(contracts=20, rate=0, max_messages=sent, keep_sent=True)
+    config = make_config(sim, tmp_path, storage={"max_buffered_rows": 300})
+    config = msgspec.structs.replace(config, journal=JournalConfig(max_spill_megabytes=1))
+    rec = record_until(config, lambda r: r.pipeline.stats.frames == sent, timeout=60)
+    stats = rec.pipeline.stats
+    assert stats.spills >= 1
+    assert stats.pauses >= 1
+    expected = expected_rows(sim.sent)
+    for table, rows in expected.items():
+        assert stored_rows(tmp_path, table) == rows, table
+
+
+def test_messages_spilled_over_loopback_become_exactly_their_rows(
+    simulator: Any, tmp_path: Path
+) -> None:
+    """The simulator's messages as fast as it sends them, memory bounded to ~50 frames: they
+    wait in the journal, the readers never stop, and each becomes exactly its rows."""
+    sent = 3_000
+    sim = simulator(contracts=8, rate=0, max_messages=sent, keep_sent=True)
+    config = make_config(sim, tmp_path, storage={"max_buffered_rows": 300})
+    rec = record_until(config, lambda r: r.pipeline.stats.frames == sent, timeout=60)
+    stats = rec.pipeline.stats
+    assert stats.spills >= 1
+    assert stats.spilled > 0
+    assert stats.pauses == 0
+    expected = expected_rows(sim.sent)
+    for table, rows in expected.items():
+        assert stored_rows(tmp_path, table) == rows, table
+    con = recorder.connect(tmp_path)
+    assert con.execute("SELECT count(*) FROM quarantine").fetchone() == (0,)
+
+
+def test_the_tail_reads_each_record_once_in_order_while_the_journal_writes_and_rotates(
+    tmp_path: Path,
+) -> None:
+    """Records read back while the writer thread appends them, over 64 KB segments, the read
+    ones released as it goes: each record from the first seq asked, once, in seq order,
+    frames and events alike, and never a segment's checkpoint."""
+    journal = Journal(tmp_path, fsync=False, write_interval=0.001, segment_bytes=64 * 1024)
+    journal.start()
+    payload = b'{"contractId": "1001", "data": {}}' * 10
+    written: list[int] = []
+    done = threading.Event()
+
+    def write() -> None:
+        seq = 1
+        rng = random.Random(7)
+        for _ in range(400):
+            count = rng.randint(1, 40)
+            journal.extend(FRAME, seq, 1, "conn", [payload] * count)
+            written.extend(range(seq, seq + count))
+            seq += count
+            journal.append(EVENT, seq, 1, "conn", b"{}")
+            written.append(seq)
+            seq += 1
+            time.sleep(rng.choice((0, 0, 0.002)))
+        done.set()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    tail = JournalTail(journal.dir, 5)
+    read: list[int] = []
+    while not (
+        done.is_set() and journal.written_seq == written[-1] and tail.next_seq > written[-1]
+    ):
+        records = tail.read(8 * 1024)
+        read.extend(r.seq for r in records)
+        journal.release(tail.next_seq)  # the writer removes what was read (not the open one)
+        if not records:
+            time.sleep(0.001)
+    writer.join()
+    journal.close()
+    assert read == [s for s in written if s >= 5]
+    assert len(journal.segments()) < 10  # most were read, released and removed
+
+
+@pytest.mark.slow
+def test_kill_9_while_frames_wait_in_the_journal_loses_and_duplicates_nothing(
+    simulator: Any, tmp_path: Path
+) -> None:
+    """Memory bounded to ~50 frames under load, so frames are spilled and read back; five
+    kill -9, then a clean stop: every journaled frame is stored exactly once."""
+    sim = simulator(contracts=6, rate=3000, malformed=0.01, keep_sent=False, seed=12)
+    data_dir = tmp_path / "data"
+    config = write_config(
+        tmp_path / "c.toml",
+        sim,
+        data_dir,
+        [c.id for c in sim.contracts],
+        "max_buffered_rows = 300\n[journal]\nretention_days = 1\n",
+        flush_interval=0.15,
+    )
+    env = recorder_env(HEDGETECH_USERNAME="demo", HEDGETECH_PASSWORD="demo")
+    rng = random.Random(20261122)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+
+    def start(number: int) -> subprocess.Popen[bytes]:
+        before = sim.stats()["connections_accepted"]
+        with (logs / f"{number}.log").open("wb") as log:  # the child keeps its own copy
+            proc = subprocess.Popen(
+                [RECORDER, "run", "--config", str(config)],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
+        wait_for(lambda: sim.stats()["connections_accepted"] > before, what="a new connection")
+        return proc
+
+    for number in range(5):
+        proc = start(number)
+        time.sleep(rng.uniform(0.3, 1.2))  # the random instant of the crash, not a wait
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+    proc = start(5)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+
+    spilled = sum("frames wait in the journal" in p.read_text() for p in logs.iterdir())
+    assert spilled >= 3
+    frames = journaled_frames(data_dir)
+    assert len(frames) > 5000
+    con = recorder.connect(data_dir)
+    for table, count in expected_counts(frames).items():
+        key = "seq, level" if table == "best_limit" else "seq"
+        stored, distinct = con.execute(
+            f"SELECT count(*), count(DISTINCT ({key})) FROM {table}"
+        ).fetchone() or (0, 0)
+        assert stored == distinct, f"{table}: duplicate rows"
+        assert stored == count, f"{table}: {stored} rows for {count} expected"
