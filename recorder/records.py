@@ -137,8 +137,12 @@ def _unpack_block(block: bytes) -> list[Record] | None:
     return records
 
 
-def decode(data: bytes) -> tuple[list[Record], int]:
-    """Records of a segment's bytes and the length of its valid prefix (the rest is torn)."""
+def decode(data: bytes, from_seq: int = 0) -> tuple[list[Record], int]:
+    """Records of a segment's bytes and the length of its valid prefix (the rest is torn).
+
+    ``from_seq``: records of lower seqs are checked but not returned, and a BLOCK whose last
+    seq is lower is not unpacked (reading back from the middle of a segment).
+    """
     records: list[Record] = []
     offset, size, head, body = 0, len(data), _HEAD.size, _BODY.size
     while offset + head <= size:
@@ -148,11 +152,14 @@ def decode(data: bytes) -> tuple[list[Record], int]:
             break
         kind, seq, received_us, conn_len = _BODY.unpack_from(data, start)
         conn_end = start + body + conn_len
+        if seq < from_seq and (kind == BLOCK or kind in _KINDS) and conn_end <= end:
+            offset = end  # a BLOCK's header names its last record's seq
+            continue
         if kind == BLOCK and conn_len == 0:
             block = _unpack_block(data[conn_end:end])
             if block is None:
                 break
-            records.extend(block)
+            records.extend(r for r in block if r.seq >= from_seq)
             offset = end
             continue
         if kind not in _KINDS or conn_end > end:

@@ -76,7 +76,7 @@ class JournalTail:
             later = [path for first, path in segments if path > self._path]
             # a segment with a later one is closed: read to its end, then go on
             data = self._read_at(self._path, self._offset, limit)
-            records, valid = decode(data)
+            records, valid = decode(data, self.next_seq)
             if valid == 0 and len(data) >= limit:  # one record larger than the limit
                 limit *= 2
                 continue

@@ -85,6 +85,25 @@ def test_one_write_is_one_block_record_that_reads_back_as_every_record_queued(
     assert (journal.written_seq, journal.backlog_bytes) == (len(queued), 0)
 
 
+def test_reading_from_a_seq_gives_the_records_from_it_and_skips_whole_blocks_before_it(
+    tmp_path: Path,
+) -> None:
+    """``decode(data, from_seq)`` (the read-back of spilled frames, recorder.spill) gives
+    exactly the records a whole read gives from that seq on, with the same valid length,
+    whether the seq is a block's first, inside a block or past every record."""
+    queued = _queued(2 * BLOCK_RECORDS + 50)
+    journal = _write(tmp_path, queued)
+    data = journal.segments()[0].read_bytes()
+    everything, valid = decode(data)
+    for from_seq in (1, 2, 40, BLOCK_RECORDS, BLOCK_RECORDS + 1, 1_000, len(queued) + 1):
+        assert decode(data, from_seq) == ([r for r in everything if r.seq >= from_seq], valid)
+    torn = data[:-10]
+    assert decode(torn, BLOCK_RECORDS + 1) == (
+        [r for r in decode(torn)[0] if r.seq >= BLOCK_RECORDS + 1],
+        decode(torn)[1],
+    )
+
+
 def test_frames_queued_together_read_back_as_frames_queued_one_by_one(tmp_path: Path) -> None:
     """``extend`` (the frames of one socket read) queues what ``append`` of each would:
     consecutive seqs, one receive time and connection, between records appended alone."""
