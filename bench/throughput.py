@@ -113,6 +113,8 @@ def run_recorder(total: int) -> dict[str, Any]:
         "exit_code": exit_code,
         "cpu": cpu.result,
         "flushes": flush_stats(metrics),
+        # frames that waited in the journal while memory was full (recorder.spill)
+        "spilled": metrics.get("ime_recorder_frames_spilled_total"),
     }
     cleanup(work)
     return result

@@ -33,7 +33,7 @@ from recorder.paths import partition_date
 from recorder.plain import flatten_fast, plain_frame
 from recorder.records import EVENT, FRAME, SNAPSHOT, Record
 from recorder.reference import reference_row
-from recorder.schema import SOURCE_SNAPSHOT, SOURCE_STREAM
+from recorder.schema import DATA_TABLES, SOURCE_SNAPSHOT, SOURCE_STREAM
 from recorder.spill import Spill
 from recorder.state import SeqAllocator
 
@@ -188,12 +188,22 @@ class Intake:
         first: int,
         now: float,
     ) -> None:
-        """Check each frame (``raws``: as bytes) of seqs from ``first`` and buffer it."""
-        if not self._bulk or self._skip is not None:
+        """Check each frame (``raws``: as bytes) of seqs from ``first`` and buffer it.
+
+        While the journal is replayed, a plain frame that Parquet may hold some rows of
+        already (a table's partition names its seq or a later one) takes the per-frame path,
+        which leaves those rows out; the others join the batch DuckDB decodes.
+        """
+        if not self._bulk:
             for seq, frame in enumerate(frames, first):
                 self._ingest(connection, frame, received_us, seq, now)
             return
-        naive_tz, dedupe, local_day = self._naive_tz, self._dedupe, self._local_day
+        naive_tz, dedupe, local_day, skip = (
+            self._naive_tz,
+            self._dedupe,
+            self._local_day,
+            self._skip,
+        )
         seqs: list[int] = []
         exchange: list[int] = []
         days: list[str] = []
@@ -205,6 +215,10 @@ class Intake:
                 self._ingest(connection, frames[seq - first], received_us, seq, now, plain=False)
                 continue
             contract, exchange_us = plain
+            day = local_day(exchange_us)
+            if skip is not None and any(skip((t, day, contract), seq) for t in DATA_TABLES):
+                self._ingest(connection, frames[seq - first], received_us, seq, now)
+                continue
             if dedupe and contract in dedupe:
                 seen = dedupe[contract]
                 if exchange_us in seen:
@@ -213,7 +227,7 @@ class Intake:
                 seen.add(exchange_us)
             seqs.append(seq)
             exchange.append(exchange_us)
-            days.append(local_day(exchange_us))
+            days.append(day)
             contracts.append(contract)
             kept.append(raw)
         if seqs:
@@ -383,6 +397,13 @@ class Intake:
     ) -> None:
         self.stats.recovered += 1
         self._ingest(connection, frame, received_us, seq, now, source)
+
+    def replay_frames(
+        self, connection: str, frames: list[bytes], received_us: int, first: int, now: float
+    ) -> None:
+        """Frames of consecutive seqs from ``first``, received together, as journaled."""
+        self.stats.recovered += len(frames)
+        self._take(connection, frames, frames, received_us, first, now)
 
     def replay_event(self, event: dict[str, Any], seq: int, received_us: int, now: float) -> None:
         self._event_rows(event, seq, received_us, now)

@@ -255,10 +255,11 @@ class Pipeline(Intake):
     def relieve_memory(self, replayed_seq: int) -> None:
         """Before the loop runs: write everything when the buffer is full (recovery only; the
         records up to ``replayed_seq`` came from the journal file, so they count as written)."""
-        if self._buffer.rows >= self.storage.max_buffered_rows:
+        if self.rows_buffered >= self.storage.max_buffered_rows:
             if self.journal is not None:
                 self.journal.recovered_up_to(replayed_seq)
-            _, failed, error = self._worker.write_now(self._buffer.take_all(), FrameBatch(), {})
+            frames, self._frames = self._frames, FrameBatch()
+            _, failed, error = self._worker.write_now(self._buffer.take_all(), frames, {})
             if error is not None:
                 self._keep(failed, time.monotonic())
                 log.error("cannot write recovered rows yet; kept in memory", error=str(error))

@@ -22,8 +22,8 @@ import structlog
 from recorder.buffer import Key
 from recorder.paths import partition_dir, seq_range
 from recorder.pipeline import Pipeline
-from recorder.records import FRAME, SNAPSHOT, SessionCounts
-from recorder.schema import SOURCE_SNAPSHOT, SOURCE_STREAM
+from recorder.records import FRAME, SNAPSHOT, Record, SessionCounts
+from recorder.schema import SOURCE_SNAPSHOT
 
 log = structlog.get_logger("recorder.recovery")
 
@@ -70,6 +70,21 @@ class HighWater:
         return seq <= self.get(key)
 
 
+#: frames replayed together at most (a socket read's worth, as the feed hands them over)
+_RUN_FRAMES = 4_096
+
+
+def _continues(run: list[Record], record: Record) -> bool:
+    """Whether ``record`` was received with the frames of ``run`` (the same read)."""
+    head, last = run[0], run[-1]
+    return (
+        record.seq == last.seq + 1
+        and record.received_us == head.received_us
+        and record.connection == head.connection
+        and len(run) < _RUN_FRAMES
+    )
+
+
 @dataclass(frozen=True)
 class Recovered:
     """What a recovery found."""
@@ -94,6 +109,17 @@ def recover(pipeline: Pipeline) -> Recovered:
     sessions = SessionCounts()
     frames = events = 0
     last_alive = highest = 0
+    run: list[Record] = []  # frames received together, taken together (in bulk where plain)
+
+    def take_run() -> None:
+        if run:
+            head = run[0]
+            payloads = [r.payload for r in run]
+            now = time.monotonic()
+            pipeline.replay_frames(head.connection, payloads, head.received_us, head.seq, now)
+            run.clear()
+            pipeline.relieve_memory(highest)
+
     pipeline.replaying(high_water)
     try:
         for record in journal.recover():
@@ -102,12 +128,23 @@ def recover(pipeline: Pipeline) -> Recovered:
             if record.seq == 0:
                 continue  # a segment's checkpoint
             highest = max(highest, record.seq)
-            now = time.monotonic()
-            if record.kind in (FRAME, SNAPSHOT):
+            if record.kind == FRAME:
                 frames += 1
-                source = SOURCE_SNAPSHOT if record.kind == SNAPSHOT else SOURCE_STREAM
+                if run and not _continues(run, record):
+                    take_run()
+                run.append(record)
+                continue
+            take_run()
+            now = time.monotonic()
+            if record.kind == SNAPSHOT:
+                frames += 1
                 pipeline.replay_frame(
-                    record.connection, record.payload, record.received_us, record.seq, now, source
+                    record.connection,
+                    record.payload,
+                    record.received_us,
+                    record.seq,
+                    now,
+                    SOURCE_SNAPSHOT,
                 )
             else:
                 events += 1
@@ -115,6 +152,7 @@ def recover(pipeline: Pipeline) -> Recovered:
                     orjson.loads(record.payload), record.seq, record.received_us, now
                 )
             pipeline.relieve_memory(highest)
+        take_run()
     finally:
         pipeline.replaying(None)
     pipeline.seq_above(highest)
