@@ -112,9 +112,13 @@ def _spilled(part: dict[str, Any]) -> str:
     if not spilled:
         return ""
     waiting = part.get("waiting_in_journal_at_end") or 0
+    stored = part.get("stored_in_window") or 0
+    received = part.get("received_in_window") or 0
     return (
-        f"; {spilled:,.0f} frames waited in the journal while memory was full "
-        f"({waiting:,.0f} still there at the window's end, stored by the final flush)"
+        f"; {spilled:,.0f} frames waited in the journal while memory was full, "
+        f"{waiting:,.0f} still there at the window's end; by the end of the stop, rows of "
+        f"{stored:,.0f} of the window's {received:,.0f} frames were stored (the rest waits "
+        "in the journal for the next start)"
     )
 
 
