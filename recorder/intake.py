@@ -55,7 +55,7 @@ class Stats:
     quarantined: int = 0
     recovered: int = 0
     decoded_in_bulk: int = 0  # plain frames whose rows DuckDB built
-    pauses: int = 0  # times the readers were stopped (memory full and no spilling, see below)
+    pauses: int = 0  # times the readers stopped: memory full, and the journal could not spill
     spills: int = 0  # times memory filled and frames went on to wait in the journal
     spilled: int = 0  # frames and snapshots that waited in the journal (recorder.spill)
     rows_written: Counter[str] = field(default_factory=Counter)
