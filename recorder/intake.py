@@ -31,7 +31,7 @@ from recorder.journal import Journal
 from recorder.logs import Muted
 from recorder.paths import partition_date
 from recorder.plain import flatten_fast, plain_frame
-from recorder.records import EVENT, FRAME, SNAPSHOT, Record
+from recorder.records import EVENT, FRAME, SNAPSHOT, Record, frame_runs
 from recorder.reference import reference_row
 from recorder.schema import DATA_TABLES, SOURCE_SNAPSHOT, SOURCE_STREAM
 from recorder.spill import Spill
@@ -348,37 +348,18 @@ class Intake:
         :class:`~recorder.spill.JournalTail` reads them) as :meth:`on_frames` and
         :meth:`on_snapshot` would have when they came; events were taken then already."""
         now = time.monotonic()
-        i, count = 0, len(records)
-        while i < count:
-            record = records[i]
-            for contracts, active in spill.due_overlaps(record.seq):
+        for run in frame_runs(records):
+            head = run[0]
+            for contracts, active in spill.due_overlaps(head.seq):
                 self._overlap(contracts, active)
-            if record.kind == FRAME:  # a run: the frames of one socket read
-                j = i + 1
-                while (
-                    j < count
-                    and records[j].kind == FRAME
-                    and records[j].seq == records[j - 1].seq + 1
-                    and records[j].received_us == record.received_us
-                    and records[j].connection == record.connection
-                ):
-                    j += 1
-                raws = [r.payload for r in records[i:j]]
+            if head.kind == FRAME:
+                raws = [r.payload for r in run]
                 spill.taken(raws)
-                self._take(record.connection, raws, raws, record.received_us, record.seq, now)
-                i = j
-                continue
-            if record.kind == SNAPSHOT:
-                spill.taken([record.payload])
-                self._ingest(
-                    record.connection,
-                    record.payload,
-                    record.received_us,
-                    record.seq,
-                    now,
-                    SOURCE_SNAPSHOT,
-                )
-            i += 1
+                self._take(head.connection, raws, raws, head.received_us, head.seq, now)
+            elif head.kind == SNAPSHOT:
+                spill.taken([head.payload])
+                source = SOURCE_SNAPSHOT
+                self._ingest(head.connection, head.payload, head.received_us, head.seq, now, source)
 
     # ------------------------------------------------------------------ journal replay
 

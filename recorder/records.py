@@ -27,7 +27,7 @@ import sys
 import zlib
 from array import array
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -168,6 +168,29 @@ def decode(data: bytes, from_seq: int = 0) -> tuple[list[Record], int]:
         records.append(Record(kind, seq, received_us, connection, data[conn_end:end]))
         offset = end
     return records, offset
+
+
+def frame_runs(records: Iterable[Record], most: int = 4_096) -> Iterator[list[Record]]:
+    """``records`` in order, in lists: the frames received together (one socket read:
+    consecutive seqs, one receive time and connection; ``most`` at most) in one, every
+    other record in one of its own."""
+    run: list[Record] = []
+    for record in records:
+        if run and (
+            record.kind != FRAME
+            or record.seq != run[-1].seq + 1
+            or record.received_us != run[0].received_us
+            or record.connection != run[0].connection
+            or len(run) >= most
+        ):
+            yield run
+            run = []
+        if record.kind == FRAME:
+            run.append(record)
+        else:
+            yield [record]
+    if run:
+        yield run
 
 
 class SessionCounts:

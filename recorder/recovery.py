@@ -22,7 +22,7 @@ import structlog
 from recorder.buffer import Key
 from recorder.paths import partition_dir, seq_range
 from recorder.pipeline import Pipeline
-from recorder.records import FRAME, SNAPSHOT, Record, SessionCounts
+from recorder.records import FRAME, SNAPSHOT, SessionCounts, frame_runs
 from recorder.schema import SOURCE_SNAPSHOT
 
 log = structlog.get_logger("recorder.recovery")
@@ -70,21 +70,6 @@ class HighWater:
         return seq <= self.get(key)
 
 
-#: frames replayed together at most (a socket read's worth, as the feed hands them over)
-_RUN_FRAMES = 4_096
-
-
-def _continues(run: list[Record], record: Record) -> bool:
-    """Whether ``record`` was received with the frames of ``run`` (the same read)."""
-    head, last = run[0], run[-1]
-    return (
-        record.seq == last.seq + 1
-        and record.received_us == head.received_us
-        and record.connection == head.connection
-        and len(run) < _RUN_FRAMES
-    )
-
-
 @dataclass(frozen=True)
 class Recovered:
     """What a recovery found."""
@@ -109,50 +94,30 @@ def recover(pipeline: Pipeline) -> Recovered:
     sessions = SessionCounts()
     frames = events = 0
     last_alive = highest = 0
-    run: list[Record] = []  # frames received together, taken together (in bulk where plain)
-
-    def take_run() -> None:
-        if run:
-            head = run[0]
-            payloads = [r.payload for r in run]
-            now = time.monotonic()
-            pipeline.replay_frames(head.connection, payloads, head.received_us, head.seq, now)
-            run.clear()
-            pipeline.relieve_memory(highest)
-
     pipeline.replaying(high_water)
     try:
-        for record in journal.recover():
-            sessions.observe(record)
-            last_alive = max(last_alive, record.received_us)
-            if record.seq == 0:
+        for run in frame_runs(journal.recover()):  # a read's frames together: bulk decoding
+            for record in run:
+                sessions.observe(record)
+                last_alive = max(last_alive, record.received_us)
+                highest = max(highest, record.seq)
+            head = run[0]
+            if head.seq == 0:
                 continue  # a segment's checkpoint
-            highest = max(highest, record.seq)
-            if record.kind == FRAME:
-                frames += 1
-                if run and not _continues(run, record):
-                    take_run()
-                run.append(record)
-                continue
-            take_run()
             now = time.monotonic()
-            if record.kind == SNAPSHOT:
+            if head.kind == FRAME:
+                frames += len(run)
+                payloads = [r.payload for r in run]
+                pipeline.replay_frames(head.connection, payloads, head.received_us, head.seq, now)
+            elif head.kind == SNAPSHOT:
                 frames += 1
                 pipeline.replay_frame(
-                    record.connection,
-                    record.payload,
-                    record.received_us,
-                    record.seq,
-                    now,
-                    SOURCE_SNAPSHOT,
+                    head.connection, head.payload, head.received_us, head.seq, now, SOURCE_SNAPSHOT
                 )
             else:
                 events += 1
-                pipeline.replay_event(
-                    orjson.loads(record.payload), record.seq, record.received_us, now
-                )
+                pipeline.replay_event(orjson.loads(head.payload), head.seq, head.received_us, now)
             pipeline.relieve_memory(highest)
-        take_run()
     finally:
         pipeline.replaying(None)
     pipeline.seq_above(highest)

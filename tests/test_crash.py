@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import pyarrow.parquet as pq
 import pytest
 
@@ -45,6 +46,35 @@ def expected_counts(frames: list[Record]) -> dict[str, int]:
     return counts
 
 
+def assert_stored_once(data_dir: Path, frames: list[Record]) -> duckdb.DuckDBPyConnection:
+    """Every table holds the rows of the journaled ``frames``, each exactly once; returns the
+    connection that counted them."""
+    con = recorder.connect(data_dir)
+    for table, count in expected_counts(frames).items():
+        key = "seq, level" if table == "best_limit" else "seq"
+        stored, distinct = con.execute(
+            f"SELECT count(*), count(DISTINCT ({key})) FROM {table}"
+        ).fetchone() or (0, 0)
+        assert stored == distinct, f"{table}: duplicate rows"
+        assert stored == count, f"{table}: {stored} rows for {count} expected"
+    return con
+
+
+def start_recorder(
+    config: Path, sim: Any, stderr: Any = subprocess.DEVNULL
+) -> subprocess.Popen[bytes]:
+    """``ime-recorder run`` with the simulator's demo credentials, once it has connected."""
+    before = sim.stats()["connections_accepted"]
+    proc = subprocess.Popen(
+        [RECORDER, "run", "--config", str(config)],
+        env=recorder_env(HEDGETECH_USERNAME="demo", HEDGETECH_PASSWORD="demo"),
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+    )
+    wait_for(lambda: sim.stats()["connections_accepted"] > before, what="a new connection")
+    return proc
+
+
 @pytest.mark.slow
 def test_kill_9_at_random_instants_loses_and_duplicates_nothing(
     simulator: Any, tmp_path: Path
@@ -60,19 +90,10 @@ def test_kill_9_at_random_instants_loses_and_duplicates_nothing(
         "[journal]\nretention_days = 1\n",
         flush_interval=0.15,
     )
-    env = recorder_env(HEDGETECH_USERNAME="demo", HEDGETECH_PASSWORD="demo")
     rng = random.Random(20261121)
 
     def start() -> subprocess.Popen[bytes]:
-        before = sim.stats()["connections_accepted"]
-        proc = subprocess.Popen(
-            [RECORDER, "run", "--config", str(config)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_for(lambda: sim.stats()["connections_accepted"] > before, what="a new connection")
-        return proc
+        return start_recorder(config, sim)
 
     for _ in range(KILLS):
         proc = start()
@@ -89,15 +110,7 @@ def test_kill_9_at_random_instants_loses_and_duplicates_nothing(
     for path in data_dir.glob("*/date=*/**/*.parquet"):
         pq.read_table(path)  # every visible file is whole
     assert not list(data_dir.glob("**/.*.tmp"))
-    con = recorder.connect(data_dir)
-    expected = expected_counts(frames)
-    for table, count in expected.items():
-        key = "seq, level" if table == "best_limit" else "seq"
-        stored, distinct = con.execute(
-            f"SELECT count(*), count(DISTINCT ({key})) FROM {table}"
-        ).fetchone() or (0, 0)
-        assert stored == distinct, f"{table}: duplicate rows"
-        assert stored == count, f"{table}: {stored} rows for {count} expected"
+    con = assert_stored_once(data_dir, frames)
     journal_seqs = {r.seq for r in frames}
     stored_seqs = {
         s

@@ -24,10 +24,10 @@ from recorder.records import EVENT, FRAME
 from recorder.recovery import recover
 from recorder.simcontracts import make_contracts
 from recorder.spill import JournalTail
-from tests.conftest import make_config, record_until, wait_for
+from tests.conftest import make_config, record_until
 from tests.test_columnar import RECEIVED, RUNS, TEHRAN, everything, feed
-from tests.test_crash import expected_counts, journaled_frames
-from tests.test_daemon import RECORDER, recorder_env, write_config
+from tests.test_crash import assert_stored_once, journaled_frames, start_recorder
+from tests.test_daemon import write_config
 from tests.test_recording import expected_rows, stored_rows
 
 #: the overlap of two streams over the first ten contracts begins and ends at these frames
@@ -196,22 +196,13 @@ def test_kill_9_while_frames_wait_in_the_journal_loses_and_duplicates_nothing(
         "max_buffered_rows = 300\n[journal]\nretention_days = 1\n",
         flush_interval=0.15,
     )
-    env = recorder_env(HEDGETECH_USERNAME="demo", HEDGETECH_PASSWORD="demo")
     rng = random.Random(20261122)
     logs = tmp_path / "logs"
     logs.mkdir()
 
     def start(number: int) -> subprocess.Popen[bytes]:
-        before = sim.stats()["connections_accepted"]
         with (logs / f"{number}.log").open("wb") as log:  # the child keeps its own copy
-            proc = subprocess.Popen(
-                [RECORDER, "run", "--config", str(config)],
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-            )
-        wait_for(lambda: sim.stats()["connections_accepted"] > before, what="a new connection")
-        return proc
+            return start_recorder(config, sim, stderr=log)
 
     for number in range(5):
         proc = start(number)
@@ -227,14 +218,7 @@ def test_kill_9_while_frames_wait_in_the_journal_loses_and_duplicates_nothing(
     assert spilled >= 3
     frames = journaled_frames(data_dir)
     assert len(frames) > 5000
-    con = recorder.connect(data_dir)
-    for table, count in expected_counts(frames).items():
-        key = "seq, level" if table == "best_limit" else "seq"
-        stored, distinct = con.execute(
-            f"SELECT count(*), count(DISTINCT ({key})) FROM {table}"
-        ).fetchone() or (0, 0)
-        assert stored == distinct, f"{table}: duplicate rows"
-        assert stored == count, f"{table}: {stored} rows for {count} expected"
+    assert_stored_once(data_dir, frames)
 
 
 def test_a_journal_replayed_after_a_crash_is_decoded_in_bulk_save_what_parquet_may_hold(
