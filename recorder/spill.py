@@ -108,7 +108,6 @@ class Spill:
     """The frames waiting in the journal while the pipeline spills, and what defers to them."""
 
     def __init__(self, segments_dir: Path, first_seq: int) -> None:
-        self.first_seq = first_seq
         self.tail = JournalTail(segments_dir, first_seq)
         self.frames = 0  # frames and snapshots spilled and not read back yet
         self.bytes = 0  # their payload bytes
