@@ -30,12 +30,14 @@ from recorder.feed import FeedConnection
 from recorder.merging import AutoMerge
 from recorder.metrics import InstrumentedPipeline, MetricsServer
 from recorder.pipeline import Pipeline
-from recorder.recovery import recover
+from recorder.recovery import Recovered, journal_found, recover_while_recording
 from recorder.rest import RestClient, rest_base
 from recorder.snapshots import SnapshotTaker
 from recorder.subscriptions import Subscriptions
 
 GIL_SWITCH_SECONDS = 0.001
+#: seconds a stop may take to write what memory and the journal hold (compose gives 30 s)
+STOP_PATIENCE = 30.0
 log = structlog.get_logger("recorder.daemon")
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
@@ -50,6 +52,8 @@ class Recorder:
     subscriptions: Subscriptions | None = None
     started_at: float = field(default_factory=time.time)
     metrics: MetricsServer | None = None
+    #: the replay of a crash's journal, while it runs beside the feed (recorder.recovery)
+    recovery: asyncio.Task[Recovered] | None = None
 
     @property
     def connections(self) -> list[FeedConnection]:
@@ -85,8 +89,12 @@ async def record(
         run=run_id,
     )
     recorder = Recorder(config, pipeline)
-    recover(pipeline)
+    found = journal_found(pipeline)  # what a crash left: replayed while the feed is read
     pipeline.start()
+    if found:
+        recorder.recovery = asyncio.create_task(
+            recover_while_recording(pipeline, found), name="recovery"
+        )
     # metrics, /healthz and /readyz (503 until every stream is open): see recorder.metrics
     metrics = recorder.metrics = MetricsServer(recorder, config.metrics, stop)
     await metrics.start()
@@ -108,11 +116,19 @@ async def record(
         config.storage.max_rows_per_file,
     )
     settle_collector()
-    try:
+
+    async def upkeep() -> None:
+        """Compaction and merging, once the journal is replayed (they rewrite its dates)."""
+        if recorder.recovery is not None:
+            await recorder.recovery
         if config.compaction.enabled:
             compaction.start()
             if config.compaction.merge_interval_seconds > 0:
                 merging.start()
+
+    upkeep_started = asyncio.create_task(upkeep(), name="upkeep")
+    upkeep_started.add_done_callback(lambda task: _stop_on_failure(task, stop))
+    try:
         async with aiohttp.ClientSession(connector=connector, trace_configs=[trace]) as session:
             tokens = TokenProvider(session, config.auth, credentials)
             await tokens.token()  # a refused login stops start-up here, before any stream
@@ -163,9 +179,13 @@ async def record(
                 await events.close()
     finally:
         try:
+            deadline = time.monotonic() + STOP_PATIENCE
+            await _finish_replay(recorder.recovery, STOP_PATIENCE)
+            upkeep_started.cancel()
+            await asyncio.gather(upkeep_started, return_exceptions=True)
             await merging.close()
             await compaction.close()
-            flushed = await pipeline.close()
+            flushed = await pipeline.close(max(1.0, deadline - time.monotonic()))
             log.info(
                 "stopped",
                 frames=pipeline.stats.frames,
@@ -178,6 +198,28 @@ async def record(
             await metrics.close()
             sys.setswitchinterval(switch)
             gc.unfreeze()
+    replay = recorder.recovery
+    if replay is not None and replay.done() and not replay.cancelled():
+        replay.result()  # a replay that failed (logged already): exit code 1
+
+
+async def _finish_replay(replay: asyncio.Task[Recovered] | None, patience: float) -> None:
+    """On a stop, let the journal's replay finish (``patience`` s at most, then the rest
+    stays in the journal for the next start)."""
+    if replay is None or replay.done():
+        return
+    log.info("stopping: the journal's replay finishes first", patience_seconds=patience)
+    await asyncio.wait({replay}, timeout=patience)
+    if not replay.done():
+        replay.cancel()
+        await asyncio.gather(replay, return_exceptions=True)
+
+
+def _stop_on_failure(task: asyncio.Task[None], stop: asyncio.Event) -> None:
+    """A replay of the journal that fails stops the recorder (what it holds stays there)."""
+    if not task.cancelled() and (error := task.exception()) is not None:
+        log.error("replaying the journal failed; stopping", error=repr(error))
+        stop.set()
 
 
 def settle_collector() -> None:

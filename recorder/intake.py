@@ -344,9 +344,9 @@ class Intake:
     # ------------------------------------------------------------------ spilled frames
 
     def read_back(self, spill: Spill, records: list[Record]) -> None:
-        """Take frames and snapshots that waited in the journal (records in seq order, as
-        :class:`~recorder.spill.JournalTail` reads them) as :meth:`on_frames` and
-        :meth:`on_snapshot` would have when they came; events were taken then already."""
+        """Take what waited in the journal (records in seq order, as
+        :class:`~recorder.spill.JournalTail` reads them) as :meth:`on_frames`,
+        :meth:`on_snapshot` and the connection events would have when it came."""
         now = time.monotonic()
         for run in frame_runs(records):
             head = run[0]
@@ -360,6 +360,9 @@ class Intake:
                 spill.taken([head.payload])
                 source = SOURCE_SNAPSHOT
                 self._ingest(head.connection, head.payload, head.received_us, head.seq, now, source)
+            elif head.kind == EVENT:
+                spill.taken([head.payload])
+                self._event_rows(orjson.loads(head.payload), head.seq, head.received_us, now)
 
     # ------------------------------------------------------------------ journal replay
 
@@ -391,6 +394,11 @@ class Intake:
 
     def seq_above(self, seq: int) -> None:
         self._seq.ensure_above(seq)
+
+    @property
+    def last_seq(self) -> int:
+        """The last seq handed out (0 when none yet)."""
+        return self._seq.last
 
     def reopen_for_close(self, session: str, opened: dict[str, Any]) -> None:
         """Know a session the journal shows open, so that it can be closed (recovery)."""
@@ -440,9 +448,11 @@ class Intake:
     def _record_event(self, event: dict[str, Any], at_us: int) -> None:
         seq = self._seq.next()
         if self.journal is not None:
-            self.journal.append(
-                EVENT, seq, at_us, str(event.get("session", "")), orjson.dumps(event)
-            )
+            session, payload = str(event.get("session", "")), orjson.dumps(event)
+            self.journal.append(EVENT, seq, at_us, session, payload)
+            if self._spill is not None:  # its rows go where the frames' go: after them
+                self._spill.spilled(EVENT, seq, at_us, session, [payload])
+                return
         self._event_rows(event, seq, at_us, time.monotonic())
 
     def _event_rows(self, event: dict[str, Any], seq: int, received_us: int, now: float) -> None:

@@ -38,6 +38,7 @@ from recorder.records import (
     decode,
     encode,
     encode_block,
+    highest_seq,
 )
 from recorder.state import fsync_dir
 
@@ -106,30 +107,43 @@ class Journal:
         """Live segments in seq order."""
         return sorted(self.dir.glob(f"*{_SUFFIX}"), key=_segment_first_seq)
 
-    def recover(self) -> Iterator[Record]:
-        """Every record of the live segments, in order, cutting torn or corrupt tails.
-
-        A record repeated after a failed write (same seq) is given once.
-        """
+    def recover(self, segments: list[Path] | None = None) -> Iterator[Record]:
+        """Every record of the live segments (or of ``segments``), in order, cutting torn or
+        corrupt tails. A record repeated after a failed write (same seq) is given once."""
         last_seq = -1
-        for path in self.segments():
-            data = path.read_bytes()
-            records, valid = decode(data)
-            if valid < len(data):
-                log.warning(
-                    "journal tail cut",
-                    segment=path.name,
-                    bytes_cut=len(data) - valid,
-                    records_kept=len(records),
-                )
-                with open(path, "r+b") as handle:
-                    handle.truncate(valid)
-                    handle.flush()
-                    os.fsync(handle.fileno())
+        for path in self.segments() if segments is None else segments:
+            records = self.read_segment(path)
             for record in records:
                 if record.seq == 0 or record.seq > last_seq:
                     last_seq = max(last_seq, record.seq)
                     yield record
+
+    @staticmethod
+    def read_segment(path: Path) -> list[Record]:
+        """The records of one segment, its torn or corrupt tail cut (from the file too)."""
+        data = path.read_bytes()
+        records, valid = decode(data)
+        if valid < len(data):
+            log.warning(
+                "journal tail cut",
+                segment=path.name,
+                bytes_cut=len(data) - valid,
+                records_kept=len(records),
+            )
+            with open(path, "r+b") as handle:
+                handle.truncate(valid)
+                handle.flush()
+                os.fsync(handle.fileno())
+        return records
+
+    @staticmethod
+    def highest_seq(segments: list[Path]) -> int:
+        """The highest seq in ``segments`` (the last one that holds a record), from the
+        records' headers: no frame is unpacked."""
+        for path in reversed(segments):
+            if found := highest_seq(path.read_bytes()):
+                return found
+        return 0
 
     def archived(self) -> Iterator[Record]:
         """Every record of the retained (compressed) segments, in order."""

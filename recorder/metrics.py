@@ -252,7 +252,7 @@ class RecorderCollector(Collector):
         )
         yield gauge(
             "frames_in_journal_waiting",
-            "Frames and snapshots waiting in the journal to be read back",
+            "Frames, snapshots and events waiting in the journal to be read back",
             pipeline.spilled_waiting,
         )
         yield counter(

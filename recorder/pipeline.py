@@ -76,6 +76,8 @@ class Pipeline(Intake):
         self._max_spill_bytes = (journal.max_spill_megabytes if journal else 0) * 1024 * 1024
         #: frames waiting in the journal are read back while memory holds fewer rows
         self._read_back_below = max(1, storage.max_buffered_rows // 2)
+        #: set while a crash's journal is replayed beside the stream (recorder.recovery)
+        self.recovering = False
 
     @property
     def rows_buffered(self) -> int:
@@ -91,7 +93,7 @@ class Pipeline(Intake):
 
     @property
     def spilled_waiting(self) -> int:
-        """Frames and snapshots waiting in the journal to be read back (recorder.spill)."""
+        """Frames, snapshots and events waiting in the journal to be read back (recorder.spill)."""
         return 0 if self._spill is None else self._spill.frames
 
     def _check_pressure(self) -> None:
@@ -99,11 +101,8 @@ class Pipeline(Intake):
         journal, spill = self.journal, self._spill
         memory_full = self.rows_buffered >= self.storage.max_buffered_rows
         if memory_full and spill is None and journal is not None and not journal.failing:
-            spill = self._spill = Spill(journal.dir, self._seq.last + 1)
+            spill = self._start_spill()
             self.stats.spills += 1
-            self._reader = asyncio.get_running_loop().create_task(
-                self._read_back_while(spill), name="read-back"
-            )
             log.info("memory full: frames wait in the journal", rows=self.rows_buffered)
         if spill is None:
             stop = memory_full
@@ -120,6 +119,35 @@ class Pipeline(Intake):
         elif self.full:
             self.full = False
             self._room.set()
+
+    def _start_spill(self) -> Spill:
+        """From the next seq on, what comes waits in the journal (see recorder.spill)."""
+        assert self.journal is not None
+        spill = self._spill = Spill(self.journal.dir, self._seq.last + 1)
+        self._reader = asyncio.get_running_loop().create_task(
+            self._read_back_while(spill), name="read-back"
+        )
+        return spill
+
+    def await_recovery(self) -> None:
+        """What comes from now on waits in the journal until :meth:`recovered`, so that its
+        rows reach the files after those of the journal being replayed (recorder.recovery);
+        meanwhile no journal segment goes."""
+        self.recovering = True
+        if self._spill is None:
+            self._start_spill()
+
+    def recovered(self) -> None:
+        """The journal is replayed: what waited is read back, and segments may go again."""
+        self.recovering = False
+        self._wake.set()
+
+    async def room_to_replay(self) -> None:
+        """Return once memory has room for more of the journal being replayed (the flusher
+        decodes and writes meanwhile), or the pipeline closes."""
+        while self._rows_held >= self._read_back_below and not self._closing:
+            self._wake.set()
+            await asyncio.sleep(0.005)
 
     async def room(self) -> None:
         """Return once the pipeline takes frames again (readers wait here while ``full``)."""
@@ -178,6 +206,8 @@ class Pipeline(Intake):
         spill = self._spill
         if spill is None:
             return None
+        if self.recovering:
+            return 0  # what waits follows the journal being replayed
         room = self._read_back_below - self._rows_held
         if room <= 0:
             return 0
@@ -252,18 +282,6 @@ class Pipeline(Intake):
         if self._parts and (self._parts_since is None or since < self._parts_since):
             self._parts_since = since
 
-    def relieve_memory(self, replayed_seq: int) -> None:
-        """Before the loop runs: write everything when the buffer is full (recovery only; the
-        records up to ``replayed_seq`` came from the journal file, so they count as written)."""
-        if self.rows_buffered >= self.storage.max_buffered_rows:
-            if self.journal is not None:
-                self.journal.recovered_up_to(replayed_seq)
-            frames, self._frames = self._frames, FrameBatch()
-            _, failed, error = self._worker.write_now(self._buffer.take_all(), frames, {})
-            if error is not None:
-                self._keep(failed, time.monotonic())
-                log.error("cannot write recovered rows yet; kept in memory", error=str(error))
-
     async def flush(self, keys: list[Key] | None = None) -> bool:
         """Write every buffered row (``keys`` is ignored: a flush takes all partitions, so
         each gets one file per flush); False when a write failed (rows kept)."""
@@ -317,7 +335,7 @@ class Pipeline(Intake):
         return False
 
     def _release_journal(self) -> None:
-        if self.journal is not None:
+        if self.journal is not None and not self.recovering:
             floors = [
                 self._buffer.min_seq(),
                 self._frames.first_seq,
@@ -339,7 +357,7 @@ class Pipeline(Intake):
             await self._reader  # it finishes the read-back in progress
         deadline = time.monotonic() + patience
         ok = await self.flush(None)
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self.recovering:
             if not ok:
                 await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
             elif self._spill is None:
@@ -347,7 +365,13 @@ class Pipeline(Intake):
             elif await self.read_back_spilled() == 0 and self.rows_buffered == 0:
                 await asyncio.sleep(0.01)  # the journal has not written the last frames yet
             ok = await self.flush(None)
-        if not ok or self._spill is not None:
+        if self.recovering:
+            log.warning(
+                "stopped before the journal was replayed; the rest is replayed at the next start",
+                rows=self._buffer.rows,
+            )
+            ok = False
+        elif not ok or self._spill is not None:
             log.error(
                 "rows not written before exit; they stay in the journal",
                 rows=self._buffer.rows,

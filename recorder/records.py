@@ -170,6 +170,23 @@ def decode(data: bytes, from_seq: int = 0) -> tuple[list[Record], int]:
     return records, offset
 
 
+def highest_seq(data: bytes) -> int:
+    """The highest seq of a segment's valid records (0: none), read from their headers (a
+    BLOCK's names its last record's), without unpacking a BLOCK."""
+    highest, offset, size, head, body = 0, 0, len(data), _HEAD.size, _BODY.size
+    while offset + head <= size:
+        length, crc = _HEAD.unpack_from(data, offset)
+        start, end = offset + head, offset + head + length
+        if length < body or end > size or zlib.crc32(data[start:end]) != crc:
+            break
+        kind, seq, _, _ = _BODY.unpack_from(data, start)
+        if kind != BLOCK and kind not in _KINDS:
+            break
+        highest = max(highest, seq)
+        offset = end
+    return highest
+
+
 def frame_runs(records: Iterable[Record], most: int = 4_096) -> Iterator[list[Record]]:
     """``records`` in order, in lists: the frames received together (one socket read:
     consecutive seqs, one receive time and connection; ``most`` at most) in one, every
@@ -229,7 +246,10 @@ class SessionCounts:
             return
         event = orjson.loads(payload)
         if "checkpoint" in event:
-            self.open = {k: dict(v) for k, v in event["checkpoint"].items()}
+            # what the segments before said, if they are gone; a session opened by an
+            # earlier process stays open here (the writer of a new process never saw it)
+            for session, opened in event["checkpoint"].items():
+                self.open.setdefault(session, dict(opened))
         elif event.get("event") == "session_opened":
             self.open[event["session"]] = {**event, "frames": 0}
         elif event.get("event") == "session_closed":

@@ -7,12 +7,19 @@ contract) are there already when a day file of that date or a file of that contr
 folder names a seq at or above the frame's, and are not there otherwise. Replaying the journal
 through the pipeline while skipping those rows makes recovery idempotent: a crash during
 recovery is recovered from the same way.
+
+The journal is replayed while the feed is read again (:func:`recover_while_recording`):
+what the streams send meanwhile waits in the journal, behind the replayed frames, so the
+rule above holds for it too.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +29,7 @@ import structlog
 from recorder.buffer import Key
 from recorder.paths import partition_dir, seq_range
 from recorder.pipeline import Pipeline
-from recorder.records import FRAME, SNAPSHOT, SessionCounts, frame_runs
+from recorder.records import FRAME, SNAPSHOT, Record, SessionCounts, frame_runs
 from recorder.schema import SOURCE_SNAPSHOT
 
 log = structlog.get_logger("recorder.recovery")
@@ -32,12 +39,14 @@ class HighWater:
     """The highest seq already in Parquet, per partition: the highest named in its folder and,
     for a contract's partition, in its date folder's day files (each folder listed once).
 
-    Listing a folder also removes temporary files a crash left in it (readers never saw them).
+    Listing a folder also removes temporary files a crash left in it (readers never saw them):
+    those older than this HighWater, not those of a flush under way beside the replay.
     """
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
         self._known: dict[Key, int] = {}
+        self._since = time.time()
 
     def get(self, key: Key) -> int:
         table, day, contract = key
@@ -57,7 +66,9 @@ class HighWater:
                 names = []
             for name in names:
                 if name.startswith(".") and name.endswith(".tmp"):
-                    (folder / name).unlink(missing_ok=True)
+                    with contextlib.suppress(FileNotFoundError):
+                        if (folder / name).stat().st_mtime < self._since:
+                            (folder / name).unlink()
                     continue
                 span = seq_range(name)
                 if span is not None:
@@ -80,59 +91,128 @@ class Recovered:
     last_alive_us: int
 
 
-def recover(pipeline: Pipeline) -> Recovered:
-    """Replay the journal into the pipeline's buffer, skipping what Parquet already holds.
+class _Replay:
+    """The journal's records into the pipeline's buffer, skipping what Parquet holds."""
 
-    Sessions still open in the journal were cut by a crash: they are closed at the last
-    instant the journal shows the process alive, with reason ``crash``.
-    """
-    journal = pipeline.journal
-    if journal is None:
-        return Recovered(0, 0, 0, 0)
-    started = time.monotonic()
-    high_water = HighWater(pipeline.data_dir)
-    sessions = SessionCounts()
-    frames = events = 0
-    last_alive = highest = 0
-    pipeline.replaying(high_water)
-    try:
-        for run in frame_runs(journal.recover()):  # a read's frames together: bulk decoding
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.started = time.monotonic()
+        self.sessions = SessionCounts()
+        self.frames = self.events = 0
+        self.last_alive = self.highest = 0
+        self.alive: dict[str, int] = {}  # the latest record of each connection
+
+    def runs(self, records: Iterable[Record]) -> Iterator[int]:
+        """Replay ``records``, yielding after each run of them (how many records it held)."""
+        pipeline, sessions = self.pipeline, self.sessions
+        for run in frame_runs(records):  # a read's frames together: bulk decoding
             for record in run:
                 sessions.observe(record)
-                last_alive = max(last_alive, record.received_us)
-                highest = max(highest, record.seq)
+                self.last_alive = max(self.last_alive, record.received_us)
+                self.highest = max(self.highest, record.seq)
             head = run[0]
             if head.seq == 0:
                 continue  # a segment's checkpoint
+            alive = self.alive
+            alive[head.connection] = max(alive.get(head.connection, 0), run[-1].received_us)
             now = time.monotonic()
             if head.kind == FRAME:
-                frames += len(run)
+                self.frames += len(run)
                 payloads = [r.payload for r in run]
                 pipeline.replay_frames(head.connection, payloads, head.received_us, head.seq, now)
             elif head.kind == SNAPSHOT:
-                frames += 1
+                self.frames += 1
                 pipeline.replay_frame(
                     head.connection, head.payload, head.received_us, head.seq, now, SOURCE_SNAPSHOT
                 )
             else:
-                events += 1
+                self.events += 1
                 pipeline.replay_event(orjson.loads(head.payload), head.seq, head.received_us, now)
-            pipeline.relieve_memory(highest)
+            yield len(run)
+
+    def finish(self, **logged: int) -> Recovered:
+        """Close the sessions a crash cut, at the last instant the journal shows their process
+        alive (reason ``crash``); log what was replayed.
+
+        The sessions of two processes may be open: a crash during a replay leaves those of
+        the crash before too. A process was alive until the latest record of its sessions
+        still open (of the whole journal if they have none).
+        """
+        pipeline, open_sessions = self.pipeline, self.sessions.open
+        runs: dict[str, int] = {}
+        for session, opened in open_sessions.items():
+            run = str(opened.get("run"))
+            runs[run] = max(runs.get(run, 0), self.alive.get(session, 0))
+        for session, opened in open_sessions.items():
+            until = runs[str(opened.get("run"))] or self.last_alive
+            pipeline.reopen_for_close(session, opened)
+            pipeline.session_closed(session, until, None, "crash", int(opened["frames"]), False)
+        result = Recovered(self.frames, self.events, len(open_sessions), self.last_alive)
+        if self.frames or self.events:
+            log.info(
+                "journal replayed",
+                frames=self.frames,
+                events=self.events,
+                crashed_sessions=len(open_sessions),
+                rows_to_write=pipeline.rows_buffered,
+                seconds=round(time.monotonic() - self.started, 3),
+                **logged,
+            )
+        return result
+
+
+def journal_found(pipeline: Pipeline) -> list[Path]:
+    """Before the pipeline starts: the journal segments a crash (or a stop that could not
+    write everything) left, for :func:`recover_while_recording`; seqs are handed out above
+    every record in them from now on. Empty without a journal."""
+    journal = pipeline.journal
+    if journal is None:
+        return []
+    segments = journal.segments()
+    if segments:
+        pipeline.seq_above(journal.highest_seq(segments))
+        journal.recovered_up_to(pipeline.last_seq)  # every record found is on disk
+    return segments
+
+
+#: records replayed between two turns of the feed's readers (a few ms of the event loop)
+REPLAY_SLICE = 1000
+
+
+async def recover_while_recording(pipeline: Pipeline, segments: list[Path]) -> Recovered:
+    """Replay ``segments`` (:func:`journal_found`) while the feed is read: what comes
+    meanwhile waits in the journal (recorder.spill) and follows the replayed rows, so every
+    partition's files keep seq order and a crash now is recovered from the same way.
+
+    The server never replays: a recovery that ran before the streams opened lost what the
+    feed sent meanwhile, for good (seconds for every million frames to replay). Replayed rows
+    are decoded and written by the flusher as they come, memory bounded as while spilling.
+    """
+    journal = pipeline.journal
+    assert journal is not None
+    pipeline.await_recovery()
+    replay = _Replay(pipeline)
+    pipeline.replaying(HighWater(pipeline.data_dir))
+    try:
+        since_turn = 0
+        for path in segments:
+            records = await asyncio.to_thread(journal.read_segment, path)
+            for count in replay.runs(_once(records, replay.highest)):
+                since_turn += count
+                if since_turn >= REPLAY_SLICE:
+                    since_turn = 0
+                    await asyncio.sleep(0)  # the readers' turn
+                await pipeline.room_to_replay()
     finally:
         pipeline.replaying(None)
-    pipeline.seq_above(highest)
-    journal.recovered_up_to(highest)
-    for session, opened in sessions.open.items():
-        pipeline.reopen_for_close(session, opened)
-        pipeline.session_closed(session, last_alive, None, "crash", int(opened["frames"]), False)
-    result = Recovered(frames, events, len(sessions.open), last_alive)
-    if frames or events:
-        log.info(
-            "journal replayed",
-            frames=frames,
-            events=events,
-            crashed_sessions=len(sessions.open),
-            rows_to_write=pipeline.rows_buffered,
-            seconds=round(time.monotonic() - started, 3),
-        )
+    result = replay.finish(received_meanwhile=pipeline.spilled_waiting)
+    pipeline.recovered()
     return result
+
+
+def _once(records: list[Record], highest: int) -> Iterator[Record]:
+    """``records`` but a repeat of a seq replayed already (a write retried in a new segment)."""
+    for record in records:
+        if record.seq == 0 or record.seq > highest:
+            highest = max(highest, record.seq)
+            yield record

@@ -2,11 +2,14 @@
 
 The server never replays, so a recorder that stops reading in a burst risks the stream
 itself. When the rows in memory reach ``storage.max_buffered_rows``, the pipeline spills: the
-frames (and snapshots) that come next go to the journal only, which takes them at a fraction
-of their full cost, and the readers go on. Once a flush has made room, the frames are read
-back from the journal in seq order (:class:`JournalTail`) and take the usual path; when the
-read-back has caught up with the stream, frames go to memory again. Connection events keep
-their usual path all along: their tables hold no frame's rows.
+frames (and snapshots, and connection events) that come next go to the journal only, which
+takes them at a fraction of their full cost, and the readers go on. Once a flush has made
+room, they are read back from the journal in seq order (:class:`JournalTail`) and take the
+usual path; when the read-back has caught up with the stream, frames go to memory again.
+
+At start-up the frames wait the same way while a crash's journal is replayed
+(:func:`recorder.recovery.recover_while_recording`): the feed is read again at once, and
+its rows follow the replayed ones.
 
 Files therefore keep seq order within every partition (crash recovery's rule: see
 :mod:`recorder.recovery`), and the journal keeps every segment that holds a frame not read
@@ -109,7 +112,7 @@ class Spill:
 
     def __init__(self, segments_dir: Path, first_seq: int) -> None:
         self.tail = JournalTail(segments_dir, first_seq)
-        self.frames = 0  # frames and snapshots spilled and not read back yet
+        self.frames = 0  # records spilled and not read back yet (nearly all frames)
         self.bytes = 0  # their payload bytes
         #: overlap changes made while spilling: (the last seq before it, contracts, active),
         #: applied when the read-back passes that seq, as they were when the frames came

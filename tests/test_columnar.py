@@ -86,10 +86,15 @@ def record(
     return asyncio.run(run())
 
 
-def everything(data_dir: Path) -> dict[str, list[tuple[Any, ...]]]:
+def everything(data_dir: Path, but: str = "") -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every table, in order (``but``: without that column)."""
     con = recorder.connect(data_dir)
+    columns = f"* EXCLUDE ({but})" if but else "*"
     try:
-        return {name: con.sql(f"SELECT * FROM {name} ORDER BY ALL").fetchall() for name in TABLES}
+        return {
+            name: con.sql(f"SELECT {columns} FROM {name} ORDER BY ALL").fetchall()
+            for name in TABLES
+        }
     finally:
         con.close()
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 import subprocess
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import duckdb
+import orjson
 import pyarrow.parquet as pq
 import pytest
 
@@ -17,8 +20,11 @@ import recorder
 from recorder.errors import FlattenError
 from recorder.flatten import flatten
 from recorder.journal import Journal
-from recorder.records import FRAME, Record
+from recorder.records import EVENT, FRAME, Record
 from recorder.schema import DATA_TABLES
+from recorder.simcontracts import FeedVariants, make_contracts
+from recorder.simmarket import Market, Subscription
+from recorder.state import SeqAllocator
 from tests.conftest import wait_for
 from tests.test_daemon import RECORDER, recorder_env, write_config
 
@@ -134,3 +140,77 @@ def test_kill_9_at_random_instants_loses_and_duplicates_nothing(
         check=False,
     )
     assert check.returncode == 0, check.stdout
+
+
+def write_crashed_journal(data_dir: Path, frames: list[bytes], copies: int) -> int:
+    """A journal as a crash leaves it: one session of ``frames`` received ``copies`` times
+    over, none written to Parquet; returns the last seq."""
+    seqs = SeqAllocator(data_dir)
+    journal = Journal(data_dir, fsync=False, segment_bytes=32 * 1024 * 1024)
+    journal.start()
+    opened = {
+        "event": "session_opened",
+        "session": "crashed-1",
+        "run": "crashed",
+        "endpoint": "id",
+        "contracts": ["1001"],
+        "opened_at": 1_700_000_000_000_000,
+    }
+    journal.append(EVENT, seqs.next(), 1_700_000_000_000_000, "crashed-1", orjson.dumps(opened))
+    for copy in range(copies):
+        first = seqs.take(len(frames))
+        journal.extend(FRAME, first, 1_700_000_000_000_000 + copy, "crashed-1", list(frames))
+    journal.close()
+    seqs.close()
+    return seqs.last
+
+
+def test_the_feed_is_recorded_while_a_crash_s_journal_is_replayed(
+    simulator: Any, tmp_path: Path
+) -> None:
+    """A crash left 80,000 frames in the journal: the restarted recorder opens its stream
+    and records it while the journal is replayed (the server never replays what it sent
+    meanwhile). What came meanwhile waited in the journal behind the replayed frames: every
+    frame of both is stored exactly once, and the crashed session is closed."""
+    sim = simulator(contracts=6, rate=2000, keep_sent=False, seed=13)
+    data_dir = tmp_path / "data"
+    contracts = make_contracts(6, 3)
+    feed = Subscription(Market(contracts, 3, FeedVariants()), contracts, "id", 3)
+    pool = [feed.next(datetime.now(UTC)).text.encode() for _ in range(2_000)]
+    crashed = 40 * len(pool)
+    last_crashed_seq = write_crashed_journal(data_dir, pool, 40)
+    config = write_config(
+        tmp_path / "c.toml",
+        sim,
+        data_dir,
+        [c.id for c in sim.contracts],
+        "[journal]\nretention_days = 1\n",
+    )
+    log_path = tmp_path / "recorder.log"
+    with log_path.open("wb") as log:  # the child keeps its own copy
+        proc = start_recorder(config, sim, stderr=log)
+    wait_for(lambda: '"journal replayed"' in log_path.read_text(), what="the replay", timeout=120)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+
+    events = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    replayed = next(e for e in events if e["event"] == "journal replayed")
+    assert replayed["frames"] == crashed
+    assert replayed["events"] == 1
+    assert replayed["crashed_sessions"] == 1
+    assert replayed["received_meanwhile"] > 0  # the stream was read during the replay
+    frames = journaled_frames(data_dir)
+    live = [r for r in frames if r.seq > last_crashed_seq]
+    assert len(frames) == crashed + len(live)
+    con = assert_stored_once(data_dir, frames)
+    replay_end_us = datetime.fromisoformat(replayed["timestamp"]).timestamp() * 1e6
+    first_live = con.execute(
+        f"SELECT epoch_us(min(received_at)) FROM aggregate WHERE seq > {last_crashed_seq}"
+    ).fetchone()
+    assert first_live is not None
+    assert first_live[0] < replay_end_us  # a frame of the new stream came during the replay
+    sessions = con.execute(
+        "SELECT session, reason, frames FROM sessions WHERE session = 'crashed-1'"
+    ).fetchall()
+    assert sessions == [("crashed-1", "crash", crashed)]

@@ -26,7 +26,7 @@ from recorder.config import CompactionConfig, JournalConfig, StorageConfig
 from recorder.daemon import Recorder
 from recorder.flushing import ROWS_PER_FRAME
 from recorder.pipeline import Pipeline
-from recorder.recovery import HighWater, recover
+from recorder.recovery import HighWater, journal_found, recover_while_recording
 from recorder.schema import DATA_TABLES, TABLES
 from recorder.writer import ParquetWriter
 from tests.conftest import make_config, record_until
@@ -291,9 +291,10 @@ def test_recovery_after_compaction_replays_exactly_what_parquet_lacks(tmp_path: 
 
     async def restart() -> tuple[int, int]:
         pipeline = Pipeline(tmp_path, storage, TEHRAN, UTC, journal=journal)
-        recovered = recover(pipeline)
-        buffered = pipeline.rows_buffered
+        found = journal_found(pipeline)
         pipeline.start()
+        recovered = await recover_while_recording(pipeline, found)
+        buffered = pipeline.rows_buffered
         # a new frame: the flush waits for the journal to have written something this recent
         later = _frame("1001", at + timedelta(minutes=5), 7)
         pipeline.on_frame("conn", later, 1_800_000_000_000_000)
