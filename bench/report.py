@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import BENCH, OUT, SCALE
+from bench.run import PARTS
 
 FLUSH_INTERVAL = 5.0
 
@@ -263,6 +264,30 @@ def date_layout_rows(part: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def restart_rows(part: dict[str, Any] | None) -> list[Row]:
+    if part is None:
+        return [("6 restart after a crash", "not measured", "", "", "")]
+    stored = part["stored_replayed"] + part["stored_new"]
+    whole = (
+        part["stored_replayed"] == part["frames_in_journal"]
+        and part["stored_new"] >= part["sent"]  # and the snapshots taken at connect
+        and part["exit_code"] == 0
+    )
+    return [
+        (
+            f"6 restart after a crash: {part['frames_in_journal']:,} frames in the journal, "
+            f"{part['rate']:,} msg/s offered",
+            f"feed read again {part['first_frame_s']:.1f} s after the start; the journal "
+            f"replayed in {part['replay_s']:.1f} s beside it ({part['received_meanwhile']:,} "
+            f"frames received meanwhile); {stored:,} frames stored"
+            + ("" if whole else " (**not all of them**)"),
+            "",
+            "",
+            _others(part),
+        )
+    ]
+
+
 #: stolen cores from which the table's header says the run measured a slowed machine
 STOLEN_NOTED = 0.2
 
@@ -295,12 +320,13 @@ def table(total_seconds: float | None) -> str:
         *size_rows(_load("size")),
         *latency_rows(_load("latency")),
         *queries_rows(_load("queries")),
+        *restart_rows(_load("restart")),
     ]
     versions = ", ".join(
         f"{p} {metadata.version(p)}" for p in ("aiohttp", "pyarrow", "duckdb", "orjson")
     )
     took = f"; `make bench` took {total_seconds / 60:.1f} min" if total_seconds else ""
-    parts = [p for p in map(_load, ("throughput", "memory", "size", "latency", "queries")) if p]
+    parts = [p for p in map(_load, (*PARTS, "size")) if p]
     scales = ", ".join(sorted({f"{p['scale']:g}" for p in parts})) or f"{SCALE:g}"
     run = _load("run") or {}
     code = run.get("start", "")
@@ -312,7 +338,7 @@ def table(total_seconds: float | None) -> str:
         f"{platform.python_version()} ({versions}); BENCH_SCALE={scales}{took}. "
         '"Others / stolen": cores used by other processes on the machine during the '
         "measurement / cores the hypervisor gave other virtual machines meanwhile."
-        + _stolen_note({p: _load(p) for p in ("throughput", "memory", "latency")}),
+        + _stolen_note({p: _load(p) for p in ("throughput", "memory", "latency", "restart")}),
         "",
         "| measure | result | target | status | others / stolen |",
         "|---|---|---|---|---|",

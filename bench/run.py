@@ -9,7 +9,7 @@ import time
 
 from bench.common import OUT, PYTHON, REPO, log
 
-PARTS = ("throughput", "memory", "latency", "size", "queries")
+PARTS = ("throughput", "memory", "latency", "size", "queries", "restart")
 
 
 def code_version() -> str:
