@@ -83,12 +83,6 @@ class FlushWorker:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, self._take_write, job)
 
-    def write_now(
-        self, batches: list[Batch], frames: FrameBatch, parts: dict[str, list[pa.Table]]
-    ) -> Written:
-        """One flush in the calling thread (crash recovery, before the event loop runs)."""
-        return self._write(batches, frames, parts)
-
     def close(self) -> None:
         """Wait for the work under way, then let the thread and DuckDB go."""
         self._pool.shutdown(wait=True)

@@ -107,20 +107,22 @@ class Journal:
         """Live segments in seq order."""
         return sorted(self.dir.glob(f"*{_SUFFIX}"), key=_segment_first_seq)
 
-    def recover(self, segments: list[Path] | None = None) -> Iterator[Record]:
-        """Every record of the live segments (or of ``segments``), in order, cutting torn or
-        corrupt tails. A record repeated after a failed write (same seq) is given once."""
+    def recover(self) -> Iterator[Record]:
+        """Every record of the live segments, in order, cutting torn or corrupt tails.
+
+        A record repeated after a failed write (same seq) is given once.
+        """
         last_seq = -1
-        for path in self.segments() if segments is None else segments:
-            records = self.read_segment(path)
-            for record in records:
-                if record.seq == 0 or record.seq > last_seq:
-                    last_seq = max(last_seq, record.seq)
-                    yield record
+        for path in self.segments():
+            records = self.read_segment(path, last_seq)
+            last_seq = max((r.seq for r in records), default=last_seq)
+            yield from records
 
     @staticmethod
-    def read_segment(path: Path) -> list[Record]:
-        """The records of one segment, its torn or corrupt tail cut (from the file too)."""
+    def read_segment(path: Path, after_seq: int = -1) -> list[Record]:
+        """The records of one segment, its torn or corrupt tail cut (from the file too), but
+        a repeat of a seq up to ``after_seq`` or given before (a write retried in the next
+        segment after it failed); checkpoints (seq 0) are kept."""
         data = path.read_bytes()
         records, valid = decode(data)
         if valid < len(data):
@@ -134,7 +136,12 @@ class Journal:
                 handle.truncate(valid)
                 handle.flush()
                 os.fsync(handle.fileno())
-        return records
+        kept, highest = [], after_seq
+        for record in records:
+            if record.seq == 0 or record.seq > highest:
+                highest = max(highest, record.seq)
+                kept.append(record)
+        return kept
 
     @staticmethod
     def highest_seq(segments: list[Path]) -> int:

@@ -191,13 +191,14 @@ async def recover_while_recording(pipeline: Pipeline, segments: list[Path]) -> R
     journal = pipeline.journal
     assert journal is not None
     pipeline.await_recovery()
+    received_before = pipeline.stats.frames
     replay = _Replay(pipeline)
     pipeline.replaying(HighWater(pipeline.data_dir))
     try:
         since_turn = 0
         for path in segments:
-            records = await asyncio.to_thread(journal.read_segment, path)
-            for count in replay.runs(_once(records, replay.highest)):
+            records = await asyncio.to_thread(journal.read_segment, path, replay.highest)
+            for count in replay.runs(records):
                 since_turn += count
                 if since_turn >= REPLAY_SLICE:
                     since_turn = 0
@@ -205,14 +206,6 @@ async def recover_while_recording(pipeline: Pipeline, segments: list[Path]) -> R
                 await pipeline.room_to_replay()
     finally:
         pipeline.replaying(None)
-    result = replay.finish(received_meanwhile=pipeline.spilled_waiting)
+    result = replay.finish(received_meanwhile=pipeline.stats.frames - received_before)
     pipeline.recovered()
     return result
-
-
-def _once(records: list[Record], highest: int) -> Iterator[Record]:
-    """``records`` but a repeat of a seq replayed already (a write retried in a new segment)."""
-    for record in records:
-        if record.seq == 0 or record.seq > highest:
-            highest = max(highest, record.seq)
-            yield record
