@@ -13,11 +13,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import tzinfo
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 import structlog
@@ -33,7 +33,7 @@ from recorder.paths import partition_date
 from recorder.plain import flatten_fast, plain_frame
 from recorder.records import EVENT, FRAME, SNAPSHOT, Record, frame_runs
 from recorder.reference import reference_row
-from recorder.schema import DATA_TABLES, SOURCE_SNAPSHOT, SOURCE_STREAM
+from recorder.schema import SOURCE_SNAPSHOT, SOURCE_STREAM
 from recorder.spill import Spill
 from recorder.state import SeqAllocator
 
@@ -66,6 +66,16 @@ class Stats:
     last_flush_at: float | None = None  # wall-clock seconds
     last_flush_ok: bool = True
     last_message_at: dict[str, float] = field(default_factory=dict)
+
+
+class Stored(Protocol):
+    """What Parquet holds already, while the journal is replayed (recorder.recovery)."""
+
+    def __call__(self, key: Key, seq: int) -> bool:
+        """Whether partition ``key`` holds the rows of frame ``seq``."""
+
+    def frame_high(self, day: str, contract: str) -> int:
+        """The highest seq held by a partition of a data table for ``(day, contract)``."""
 
 
 class LocalDays:
@@ -132,7 +142,7 @@ class Intake:
         self._dedupe: dict[str, set[int]] = {}
         self._muted = Muted(log)
         #: set while replaying the journal: tells which partitions already hold a seq
-        self._skip: Callable[[Key, int], bool] | None = None
+        self._skip: Stored | None = None
         #: set while frames wait in the journal because memory is full (recorder.spill)
         self._spill: Spill | None = None
         self.stats = Stats()
@@ -216,7 +226,7 @@ class Intake:
                 continue
             contract, exchange_us = plain
             day = local_day(exchange_us)
-            if skip is not None and any(skip((t, day, contract), seq) for t in DATA_TABLES):
+            if skip is not None and seq <= skip.frame_high(day, contract):
                 self._ingest(connection, frames[seq - first], received_us, seq, now)
                 continue
             if dedupe and contract in dedupe:
@@ -366,7 +376,7 @@ class Intake:
 
     # ------------------------------------------------------------------ journal replay
 
-    def replaying(self, skip: Callable[[Key, int], bool] | None) -> None:
+    def replaying(self, skip: Stored | None) -> None:
         """Enter (``skip`` given) or leave journal-replay mode (see recorder.recovery)."""
         self._skip = skip
 

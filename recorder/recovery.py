@@ -30,7 +30,7 @@ from recorder.buffer import Key
 from recorder.paths import partition_dir, seq_range
 from recorder.pipeline import Pipeline
 from recorder.records import FRAME, SNAPSHOT, Record, SessionCounts, frame_runs
-from recorder.schema import SOURCE_SNAPSHOT
+from recorder.schema import DATA_TABLES, SOURCE_SNAPSHOT
 
 log = structlog.get_logger("recorder.recovery")
 
@@ -46,6 +46,7 @@ class HighWater:
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
         self._known: dict[Key, int] = {}
+        self._frames: dict[tuple[str, str], int] = {}
         self._since = time.time()
 
     def get(self, key: Key) -> int:
@@ -80,6 +81,15 @@ class HighWater:
         """True when ``seq`` is already stored in partition ``key``."""
         return seq <= self.get(key)
 
+    def frame_high(self, day: str, contract: str) -> int:
+        """The highest seq in the partitions of every data table for ``(day, contract)``:
+        a frame of a lower seq may have rows in Parquet (asked once a frame: memoised)."""
+        found = self._frames.get((day, contract))
+        if found is None:
+            found = max(self.get((table, day, contract)) for table in DATA_TABLES)
+            self._frames[(day, contract)] = found
+        return found
+
 
 @dataclass(frozen=True)
 class Recovered:
@@ -106,15 +116,18 @@ class _Replay:
         """Replay ``records``, yielding after each run of them (how many records it held)."""
         pipeline, sessions = self.pipeline, self.sessions
         for run in frame_runs(records):  # a read's frames together: bulk decoding
-            for record in run:
-                sessions.observe(record)
-                self.last_alive = max(self.last_alive, record.received_us)
-                self.highest = max(self.highest, record.seq)
+            # a run is one record, or frames of consecutive seqs received at once
             head = run[0]
+            if head.kind == FRAME:
+                sessions.count(head.connection, len(run))
+            else:
+                sessions.observe(head)
+            self.last_alive = max(self.last_alive, head.received_us)
+            self.highest = max(self.highest, run[-1].seq)
             if head.seq == 0:
                 continue  # a segment's checkpoint
             alive = self.alive
-            alive[head.connection] = max(alive.get(head.connection, 0), run[-1].received_us)
+            alive[head.connection] = max(alive.get(head.connection, 0), head.received_us)
             now = time.monotonic()
             if head.kind == FRAME:
                 self.frames += len(run)
