@@ -176,8 +176,9 @@ class _Replay:
 
 def journal_found(pipeline: Pipeline) -> list[Path]:
     """Before the pipeline starts: the journal segments a crash (or a stop that could not
-    write everything) left, for :func:`recover_while_recording`; seqs are handed out above
-    every record in them from now on. Empty without a journal."""
+    write everything) left, for :func:`recover_while_recording`. From now on seqs are
+    handed out above every record in them, and what comes waits in the journal until they
+    are replayed. Empty without a journal."""
     journal = pipeline.journal
     if journal is None:
         return []
@@ -185,6 +186,7 @@ def journal_found(pipeline: Pipeline) -> list[Path]:
     if segments:
         pipeline.seq_above(journal.highest_seq(segments))
         journal.recovered_up_to(pipeline.last_seq)  # every record found is on disk
+        pipeline.await_recovery()
     return segments
 
 
@@ -203,8 +205,7 @@ async def recover_while_recording(pipeline: Pipeline, segments: list[Path]) -> R
     """
     journal = pipeline.journal
     assert journal is not None
-    pipeline.await_recovery()
-    received_before = pipeline.stats.frames
+    assert pipeline.recovering, "journal_found() holds back what comes"
     replay = _Replay(pipeline)
     pipeline.replaying(HighWater(pipeline.data_dir))
     try:
@@ -219,6 +220,7 @@ async def recover_while_recording(pipeline: Pipeline, segments: list[Path]) -> R
                 await pipeline.room_to_replay()
     finally:
         pipeline.replaying(None)
-    result = replay.finish(received_meanwhile=pipeline.stats.frames - received_before)
+    # the stream's frames so far all came during the replay (the pipeline started with it)
+    result = replay.finish(received_meanwhile=pipeline.stats.frames)
     pipeline.recovered()
     return result

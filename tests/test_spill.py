@@ -332,3 +332,47 @@ def test_a_stop_during_the_replay_leaves_the_rest_of_the_journal_for_the_next_st
     assert restarted.stats.spilled == 300  # the stream waited behind the replay again
     # the frames after the crash have other seqs (a new process reserves a new block of them)
     assert everything(tmp_path / "crash", but="seq") == everything(tmp_path / "whole", but="seq")
+
+
+def test_a_journal_restored_without_the_seq_counter_is_replayed_below_the_new_seqs(
+    tmp_path: Path,
+) -> None:
+    """A backup restored without ``_state/seq`` (as the README says to do): the counter
+    starts from the files, which hold none of the journal's frames; the stream's frames
+    must still take seqs above the journal's, or the replay would take them for its own."""
+    frames = feed(900)
+    record(tmp_path / "whole", frames, 2_000_000, runs=(50,))
+    storage = StorageConfig(
+        data_dir=str(tmp_path / "restored"), flush_interval_seconds=3600, fsync=False
+    )
+    journal = JournalConfig(fsync=False)
+
+    async def crash() -> None:
+        crashed = Pipeline(tmp_path / "restored", storage, TEHRAN, TEHRAN, journal)
+        crashed.start()
+        for first in range(0, 600, 50):
+            crashed.on_frames("conn", frames[first : first + 50], RECEIVED + first)
+        assert crashed.journal is not None
+        await asyncio.to_thread(crashed.journal.close)
+
+    async def restart() -> Pipeline:
+        restarted = Pipeline(tmp_path / "restored", storage, TEHRAN, TEHRAN, journal)
+        found = journal_found(restarted)
+        assert restarted.last_seq == 600  # the journal's highest: the files hold none
+        restarted.start()
+        for first in range(600, 900, 50):  # the stream, while the journal is replayed
+            restarted.on_frames("conn", frames[first : first + 50], RECEIVED + first)
+        await recover_while_recording(restarted, found)
+        assert await restarted.close()
+        return restarted
+
+    asyncio.run(crash())
+    (tmp_path / "restored" / "_state" / "seq").unlink()
+    restarted = asyncio.run(restart())
+    assert restarted.stats.recovered == 600
+    assert restarted.stats.spilled == 300
+    con = recorder.connect(tmp_path / "restored")
+    assert con.execute(
+        "SELECT count(*), count(DISTINCT seq), min(seq), max(seq) FROM aggregate"
+    ).fetchall() == [(900, 900, 1, 900)]
+    assert everything(tmp_path / "restored") == everything(tmp_path / "whole")
