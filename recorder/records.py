@@ -137,6 +137,20 @@ def _unpack_block(block: bytes) -> list[Record] | None:
     return list(map(tuple.__new__, repeat(Record), fields))
 
 
+def _walk(data: bytes) -> Iterator[tuple[int, int, int, int, int, int]]:
+    """Each record of a segment's bytes whose length and CRC hold, in order, up to the first
+    that does not: (its end, kind, seq, received_us, where its connection starts and ends)."""
+    offset, size, head, body = 0, len(data), _HEAD.size, _BODY.size
+    while offset + head <= size:
+        length, crc = _HEAD.unpack_from(data, offset)
+        start, end = offset + head, offset + head + length
+        if length < body or end > size or zlib.crc32(data[start:end]) != crc:
+            return
+        kind, seq, received_us, conn_len = _BODY.unpack_from(data, start)
+        yield end, kind, seq, received_us, start + body, start + body + conn_len
+        offset = end
+
+
 def decode(data: bytes, from_seq: int = 0) -> tuple[list[Record], int]:
     """Records of a segment's bytes and the length of its valid prefix (the rest is torn).
 
@@ -144,46 +158,34 @@ def decode(data: bytes, from_seq: int = 0) -> tuple[list[Record], int]:
     seq is lower is not unpacked (reading back from the middle of a segment).
     """
     records: list[Record] = []
-    offset, size, head, body = 0, len(data), _HEAD.size, _BODY.size
-    while offset + head <= size:
-        length, crc = _HEAD.unpack_from(data, offset)
-        start, end = offset + head, offset + head + length
-        if length < body or end > size or zlib.crc32(data[start:end]) != crc:
-            break
-        kind, seq, received_us, conn_len = _BODY.unpack_from(data, start)
-        conn_end = start + body + conn_len
+    valid = 0
+    for end, kind, seq, received_us, conn_start, conn_end in _walk(data):
         if seq < from_seq and (kind == BLOCK or kind in _KINDS) and conn_end <= end:
-            offset = end  # a BLOCK's header names its last record's seq
+            valid = end  # a BLOCK's header names its last record's seq
             continue
-        if kind == BLOCK and conn_len == 0:
+        if kind == BLOCK and conn_end == conn_start:
             block = _unpack_block(data[conn_end:end])
             if block is None:
                 break
             records.extend(r for r in block if r.seq >= from_seq)
-            offset = end
+            valid = end
             continue
         if kind not in _KINDS or conn_end > end:
             break
-        connection = data[start + body : conn_end].decode("utf-8", "replace")
+        connection = data[conn_start:conn_end].decode("utf-8", "replace")
         records.append(Record(kind, seq, received_us, connection, data[conn_end:end]))
-        offset = end
-    return records, offset
+        valid = end
+    return records, valid
 
 
 def highest_seq(data: bytes) -> int:
     """The highest seq of a segment's valid records (0: none), read from their headers (a
     BLOCK's names its last record's), without unpacking a BLOCK."""
-    highest, offset, size, head, body = 0, 0, len(data), _HEAD.size, _BODY.size
-    while offset + head <= size:
-        length, crc = _HEAD.unpack_from(data, offset)
-        start, end = offset + head, offset + head + length
-        if length < body or end > size or zlib.crc32(data[start:end]) != crc:
-            break
-        kind, seq, _, _ = _BODY.unpack_from(data, start)
+    highest = 0
+    for _, kind, seq, _, _, _ in _walk(data):
         if kind != BLOCK and kind not in _KINDS:
             break
         highest = max(highest, seq)
-        offset = end
     return highest
 
 

@@ -74,6 +74,27 @@ def record(
     return asyncio.run(run())
 
 
+def take_in_runs(pipeline: Pipeline, frames: list[bytes], first: int) -> None:
+    """``frames`` as the stream's, from frame ``first`` of the feed on, in runs of 50."""
+    for start in range(0, len(frames), 50):
+        pipeline.on_frames("conn", frames[start : start + 50], RECEIVED + first + start)
+
+
+def crash_after_journaling(data_dir: Path, frames: list[bytes]) -> None:
+    """A recorder that journaled ``frames`` and crashed before it wrote any (memory roomy:
+    a flush would go on in its writer thread after the crash, which a process cannot)."""
+    storage = StorageConfig(data_dir=str(data_dir), flush_interval_seconds=3600, fsync=False)
+
+    async def run() -> None:
+        crashed = Pipeline(data_dir, storage, TEHRAN, TEHRAN, JournalConfig(fsync=False))
+        crashed.start()
+        take_in_runs(crashed, frames, 0)
+        assert crashed.journal is not None
+        await asyncio.to_thread(crashed.journal.close)
+
+    asyncio.run(run())
+
+
 def test_frames_spilled_to_the_journal_are_stored_as_if_memory_had_held_them(
     tmp_path: Path,
 ) -> None:
@@ -286,19 +307,8 @@ def test_a_stop_during_the_replay_leaves_the_rest_of_the_journal_for_the_next_st
     )
     journal = JournalConfig(fsync=False)
 
-    def pipeline(memory: StorageConfig = storage) -> Pipeline:
-        return Pipeline(tmp_path / "crash", memory, TEHRAN, TEHRAN, journal)
-
-    def stream(to: Pipeline, start: int, stop: int) -> None:
-        for first in range(start, stop, 50):
-            to.on_frames("conn", frames[first : first + 50], RECEIVED + first)
-
-    async def crash() -> None:  # nothing written: its flusher would outlive it in a thread
-        crashed = pipeline(msgspec.structs.replace(storage, max_buffered_rows=2_000_000))
-        crashed.start()
-        stream(crashed, 0, 1_200)
-        assert crashed.journal is not None
-        await asyncio.to_thread(crashed.journal.close)
+    def pipeline() -> Pipeline:
+        return Pipeline(tmp_path / "crash", storage, TEHRAN, TEHRAN, journal)
 
     async def stopped_midway() -> Pipeline:
         stopped = pipeline()
@@ -307,7 +317,7 @@ def test_a_stop_during_the_replay_leaves_the_rest_of_the_journal_for_the_next_st
         replay = asyncio.create_task(recover_while_recording(stopped, found))
         while stopped.stats.recovered < 400:  # noqa: ASYNC110 - a count, not an event
             await asyncio.sleep(0)
-        stream(stopped, 1_200, 1_500)  # the stream meanwhile: it waits in the journal
+        take_in_runs(stopped, frames[1_200:1_500], 1_200)  # the stream: it waits in the journal
         replay.cancel()
         await asyncio.gather(replay, return_exceptions=True)
         assert not await stopped.close()  # what was not replayed stays in the journal
@@ -318,11 +328,11 @@ def test_a_stop_during_the_replay_leaves_the_rest_of_the_journal_for_the_next_st
         found = journal_found(restarted)
         restarted.start()
         await recover_while_recording(restarted, found)
-        stream(restarted, 1_500, 1_800)
+        take_in_runs(restarted, frames[1_500:], 1_500)
         assert await restarted.close()
         return restarted
 
-    asyncio.run(crash())
+    crash_after_journaling(tmp_path / "crash", frames[:1_200])
     stopped = asyncio.run(stopped_midway())
     assert 400 <= stopped.stats.recovered < 1_200
     assert stopped.stats.spilled == 300
@@ -347,26 +357,17 @@ def test_a_journal_restored_without_the_seq_counter_is_replayed_below_the_new_se
     )
     journal = JournalConfig(fsync=False)
 
-    async def crash() -> None:
-        crashed = Pipeline(tmp_path / "restored", storage, TEHRAN, TEHRAN, journal)
-        crashed.start()
-        for first in range(0, 600, 50):
-            crashed.on_frames("conn", frames[first : first + 50], RECEIVED + first)
-        assert crashed.journal is not None
-        await asyncio.to_thread(crashed.journal.close)
-
     async def restart() -> Pipeline:
         restarted = Pipeline(tmp_path / "restored", storage, TEHRAN, TEHRAN, journal)
         found = journal_found(restarted)
         assert restarted.last_seq == 600  # the journal's highest: the files hold none
         restarted.start()
-        for first in range(600, 900, 50):  # the stream, while the journal is replayed
-            restarted.on_frames("conn", frames[first : first + 50], RECEIVED + first)
+        take_in_runs(restarted, frames[600:], 600)  # the stream, while the journal is replayed
         await recover_while_recording(restarted, found)
         assert await restarted.close()
         return restarted
 
-    asyncio.run(crash())
+    crash_after_journaling(tmp_path / "restored", frames[:600])
     (tmp_path / "restored" / "_state" / "seq").unlink()
     restarted = asyncio.run(restart())
     assert restarted.stats.recovered == 600
