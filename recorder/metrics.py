@@ -255,6 +255,11 @@ class RecorderCollector(Collector):
             "Frames, snapshots and events waiting in the journal to be read back",
             pipeline.spilled_waiting,
         )
+        yield gauge(
+            "journal_replaying",
+            "1 while the journal a crash left is replayed (the stream's frames wait behind it)",
+            int(pipeline.recovering),
+        )
         yield counter(
             "frames_decoded_in_bulk", "Plain frames whose rows DuckDB built", stats.decoded_in_bulk
         )

@@ -171,6 +171,7 @@ def test_counters_match_the_rows_stored(simulator: Any, tmp_path: Path) -> None:
     assert value(samples, "ime_recorder_frames_decoded_in_bulk_total") == 120 - malformed
     assert value(samples, "ime_recorder_reader_pauses_total") == 0
     assert value(samples, "ime_recorder_readers_paused") == 0
+    assert value(samples, "ime_recorder_journal_replaying") == 0  # no journal was left
     assert value(samples, "ime_recorder_last_flush_ok") == 1
     assert value(samples, "ime_recorder_ready") == 1
     assert value(samples, "ime_recorder_journal_write_failing") == 0

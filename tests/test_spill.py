@@ -361,9 +361,11 @@ def test_a_journal_restored_without_the_seq_counter_is_replayed_below_the_new_se
         restarted = Pipeline(tmp_path / "restored", storage, TEHRAN, TEHRAN, journal)
         found = journal_found(restarted)
         assert restarted.last_seq == 600  # the journal's highest: the files hold none
+        assert restarted.recovering  # ime_recorder_journal_replaying
         restarted.start()
         take_in_runs(restarted, frames[600:], 600)  # the stream, while the journal is replayed
         await recover_while_recording(restarted, found)
+        assert not restarted.recovering
         assert await restarted.close()
         return restarted
 
