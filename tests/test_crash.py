@@ -66,6 +66,22 @@ def assert_stored_once(data_dir: Path, frames: list[Record]) -> duckdb.DuckDBPyC
     return con
 
 
+def journal_kept_config(
+    tmp_path: Path, sim: Any, storage: str = "", flush_interval: float = 0.5
+) -> Path:
+    """A config recording every contract of ``sim`` into ``tmp_path/data``, whose journal
+    keeps its released segments (so :func:`journaled_frames` sees every frame);
+    ``storage``: more ``[storage]`` lines."""
+    return write_config(
+        tmp_path / "c.toml",
+        sim,
+        tmp_path / "data",
+        [c.id for c in sim.contracts],
+        f"{storage}[journal]\nretention_days = 1\n",
+        flush_interval=flush_interval,
+    )
+
+
 def start_recorder(
     config: Path, sim: Any, stderr: Any = subprocess.DEVNULL
 ) -> subprocess.Popen[bytes]:
@@ -88,14 +104,7 @@ def test_kill_9_at_random_instants_loses_and_duplicates_nothing(
     """20 kill -9 under load: every journaled frame stored once, and a restart gap for each."""
     sim = simulator(contracts=6, rate=3000, malformed=0.01, keep_sent=False, seed=11)
     data_dir = tmp_path / "data"
-    config = write_config(
-        tmp_path / "c.toml",
-        sim,
-        data_dir,
-        [c.id for c in sim.contracts],
-        "[journal]\nretention_days = 1\n",
-        flush_interval=0.15,
-    )
+    config = journal_kept_config(tmp_path, sim, flush_interval=0.15)
     rng = random.Random(20261121)
 
     def start() -> subprocess.Popen[bytes]:
@@ -179,13 +188,7 @@ def test_the_feed_is_recorded_while_a_crash_s_journal_is_replayed(
     pool = [feed.next(datetime.now(UTC)).text.encode() for _ in range(2_000)]
     crashed = 40 * len(pool)
     last_crashed_seq = write_crashed_journal(data_dir, pool, 40)
-    config = write_config(
-        tmp_path / "c.toml",
-        sim,
-        data_dir,
-        [c.id for c in sim.contracts],
-        "[journal]\nretention_days = 1\n",
-    )
+    config = journal_kept_config(tmp_path, sim)
     log_path = tmp_path / "recorder.log"
     with log_path.open("wb") as log:  # the child keeps its own copy
         proc = start_recorder(config, sim, stderr=log)

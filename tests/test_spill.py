@@ -26,8 +26,12 @@ from recorder.simcontracts import make_contracts
 from recorder.spill import JournalTail
 from tests.conftest import make_config, record_until
 from tests.test_columnar import RECEIVED, RUNS, TEHRAN, everything, feed
-from tests.test_crash import assert_stored_once, journaled_frames, start_recorder
-from tests.test_daemon import write_config
+from tests.test_crash import (
+    assert_stored_once,
+    journal_kept_config,
+    journaled_frames,
+    start_recorder,
+)
 from tests.test_recording import expected_rows, stored_rows
 
 #: the overlap of two streams over the first ten contracts begins and ends at these frames
@@ -211,14 +215,7 @@ def test_kill_9_while_frames_wait_in_the_journal_loses_and_duplicates_nothing(
     journaled frame is stored exactly once."""
     sim = simulator(contracts=6, rate=3000, malformed=0.01, keep_sent=False, seed=12)
     data_dir = tmp_path / "data"
-    config = write_config(
-        tmp_path / "c.toml",
-        sim,
-        data_dir,
-        [c.id for c in sim.contracts],
-        "max_buffered_rows = 300\n[journal]\nretention_days = 1\n",
-        flush_interval=0.15,
-    )
+    config = journal_kept_config(tmp_path, sim, "max_buffered_rows = 300\n", 0.15)
     rng = random.Random(20261122)
     logs = tmp_path / "logs"
     logs.mkdir()
