@@ -54,6 +54,20 @@ FUTURE = datetime(2100, 1, 1, tzinfo=UTC)  # a "now" at which every recorded dat
 DAY1, DAY2 = date(2025, 3, 1), date(2025, 3, 2)
 
 
+def clock_from_first_message(start: datetime, scale: float) -> Callable[[], datetime]:
+    """A simulator clock at ``start`` when first read (its first message), then ``scale``
+    times faster than real time: the dates a test records do not depend on how long the
+    recorder took to connect (a real second is 11 simulated hours at 40,000)."""
+    origin: list[float] = []
+
+    def now() -> datetime:
+        if not origin:
+            origin.append(time.monotonic())
+        return start + timedelta(seconds=(time.monotonic() - origin[0]) * scale)
+
+    return now
+
+
 def record_multiday(data_dir: Path) -> None:
     """Record three dates from a simulator whose clock runs 40,000 times faster, flushing often."""
     options = SimulatorOptions(
@@ -62,8 +76,7 @@ def record_multiday(data_dir: Path) -> None:
         seed=5,
         malformed=0.02,
         unknown_sections=0.03,
-        start_time=MIDNIGHT - timedelta(hours=6),
-        time_scale=40_000,
+        clock=clock_from_first_message(MIDNIGHT - timedelta(hours=6), 40_000),
     )
     with SimulatorThread(options) as sim:
         config = make_config(sim, data_dir, storage={"flush_interval_seconds": 0.05})
