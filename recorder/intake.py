@@ -31,7 +31,7 @@ from recorder.journal import Journal
 from recorder.logs import Muted
 from recorder.paths import partition_date
 from recorder.plain import flatten_fast, plain_frame
-from recorder.records import EVENT, FRAME, SNAPSHOT, Record, frame_runs
+from recorder.records import EVENT, FRAME, SNAPSHOT, Pending
 from recorder.reference import reference_row
 from recorder.schema import SOURCE_SNAPSHOT, SOURCE_STREAM
 from recorder.spill import Spill
@@ -125,6 +125,7 @@ class Intake:
         self._bulk = bulk_decode
         self._frames = FrameBatch()  # plain frames not decoded yet
         self._last_frame_at = 0.0  # time.monotonic() of the latest frame
+        self._last_read = 0  # frames of the latest socket read
         self.journal: Journal | None = None
         if journal is not None and journal.enabled:
             self.journal = Journal(
@@ -148,7 +149,8 @@ class Intake:
         self.stats = Stats()
 
     def _check_pressure(self) -> None:
-        """Stop or restart the readers by the rows in memory (Pipeline: it holds some)."""
+        """Spill, stop or restart the readers by the rows in memory and the last read's
+        frames (Pipeline: it holds the rows)."""
         raise NotImplementedError
 
     def _journal_error(self, error: OSError) -> None:
@@ -186,6 +188,7 @@ class Intake:
             self._take(connection, frames, raws, received_us, first, now)
         # once a call, after its frames joined: a full memory stops the readers before their
         # next read (this read's frames are in already; TCP holds the server back)
+        self._last_read = count
         self._check_pressure()
         return first
 
@@ -353,26 +356,22 @@ class Intake:
 
     # ------------------------------------------------------------------ spilled frames
 
-    def read_back(self, spill: Spill, records: list[Record]) -> None:
-        """Take what waited in the journal (records in seq order, as
+    def read_back(self, spill: Spill, runs: list[Pending]) -> None:
+        """Take what waited in the journal (runs in seq order, as
         :class:`~recorder.spill.JournalTail` reads them) as :meth:`on_frames`,
         :meth:`on_snapshot` and the connection events would have when it came."""
         now = time.monotonic()
-        for run in frame_runs(records):
-            head = run[0]
-            for contracts, active in spill.due_overlaps(head.seq):
-                self._overlap(contracts, active)
-            if head.kind == FRAME:
-                raws = [r.payload for r in run]
-                spill.taken(raws)
-                self._take(head.connection, raws, raws, head.received_us, head.seq, now)
-            elif head.kind == SNAPSHOT:
-                spill.taken([head.payload])
-                source = SOURCE_SNAPSHOT
-                self._ingest(head.connection, head.payload, head.received_us, head.seq, now, source)
-            elif head.kind == EVENT:
-                spill.taken([head.payload])
-                self._event_rows(orjson.loads(head.payload), head.seq, head.received_us, now)
+        for kind, first, received_us, connection, payloads in runs:
+            if spill.overlaps:
+                for contracts, active in spill.due_overlaps(first):
+                    self._overlap(contracts, active)
+            spill.taken(payloads)
+            if kind == FRAME:
+                self._take(connection, payloads, payloads, received_us, first, now)
+            elif kind == SNAPSHOT:
+                self._ingest(connection, payloads[0], received_us, first, now, SOURCE_SNAPSHOT)
+            elif kind == EVENT:
+                self._event_rows(orjson.loads(payloads[0]), first, received_us, now)
 
     # ------------------------------------------------------------------ journal replay
 

@@ -4,8 +4,8 @@ Layout: ``{data_dir}/_journal/{first_seq:020d}.jnl`` segments, each a sequence o
 (:mod:`recorder.records`).
 
 The event loop only queues a tuple per run of records (the frames of one socket read); one
-writer thread packs what is queued into a BLOCK (:mod:`recorder.records`) and writes it to
-the segment every ``write_interval`` (so a ``kill -9`` loses at most that much) and
+writer thread packs what is queued into RUNS records (:mod:`recorder.records`) and writes
+them to the segment every ``write_interval`` (so a ``kill -9`` loses at most that much) and
 fdatasyncs it every ``fsync_interval`` (so a power loss loses at most that much). Segments
 whose frames are all in Parquet are removed, or compressed into ``_journal/archive`` and
 kept for ``retention_days``.
@@ -21,7 +21,6 @@ import itertools
 import os
 import threading
 import time
-from array import array
 from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,10 +34,11 @@ from recorder.records import (
     Pending,
     Record,
     SessionCounts,
-    decode,
+    decode_runs,
     encode,
-    encode_block,
+    encode_runs,
     highest_seq,
+    records_of,
 )
 from recorder.state import fsync_dir
 
@@ -114,33 +114,39 @@ class Journal:
         """
         last_seq = -1
         for path in self.segments():
-            records = self.read_segment(path, last_seq)
-            last_seq = max((r.seq for r in records), default=last_seq)
-            yield from records
+            runs = self.read_segment(path, last_seq)
+            last_seq = max((r[1] + len(r[4]) - 1 for r in runs), default=last_seq)
+            yield from records_of(runs)
 
     @staticmethod
-    def read_segment(path: Path, after_seq: int = -1) -> list[Record]:
-        """The records of one segment, its torn or corrupt tail cut (from the file too), but
-        a repeat of a seq up to ``after_seq`` or given before (a write retried in the next
-        segment after it failed); checkpoints (seq 0) are kept."""
+    def read_segment(path: Path, after_seq: int = -1) -> list[Pending]:
+        """The records of one segment as runs (:func:`recorder.records.decode_runs`), its
+        torn or corrupt tail cut (from the file too), but a repeat of a seq up to
+        ``after_seq`` or given before (a write retried in the next segment after it failed);
+        checkpoints (seq 0) are kept."""
         data = path.read_bytes()
-        records, valid = decode(data)
+        runs, valid = decode_runs(data)
         if valid < len(data):
             log.warning(
                 "journal tail cut",
                 segment=path.name,
                 bytes_cut=len(data) - valid,
-                records_kept=len(records),
+                records_kept=sum(len(run[4]) for run in runs),
             )
             with open(path, "r+b") as handle:
                 handle.truncate(valid)
                 handle.flush()
                 os.fsync(handle.fileno())
-        kept, highest = [], after_seq
-        for record in records:
-            if record.seq == 0 or record.seq > highest:
-                highest = max(highest, record.seq)
-                kept.append(record)
+        kept: list[Pending] = []
+        highest = after_seq
+        for kind, first, received_us, connection, payloads in runs:
+            last = first + len(payloads) - 1
+            if first == 0:
+                kept.append((kind, first, received_us, connection, payloads))
+            elif last > highest:
+                cut = max(0, highest + 1 - first)
+                kept.append((kind, first + cut, received_us, connection, payloads[cut:]))
+                highest = last
         return kept
 
     @staticmethod
@@ -157,8 +163,8 @@ class Journal:
         archive = self.dir / ARCHIVE_DIR
         for path in sorted(archive.glob(f"*{_ARCHIVE_SUFFIX}"), key=_segment_first_seq):
             with pa.CompressedInputStream(str(path), "zstd") as stream:
-                records, _ = decode(stream.read())
-            yield from records
+                runs, _ = decode_runs(stream.read())
+            yield from records_of(runs)
 
     # ------------------------------------------------------------------ writing
 
@@ -170,7 +176,7 @@ class Journal:
     def append(
         self, kind: int, seq: int, received_us: int, connection: str, payload: bytes
     ) -> None:
-        """Queue one record (event loop; no I/O, no encoding: the writer packs a BLOCK)."""
+        """Queue one record (event loop; no I/O, no encoding: the writer packs RUNS records)."""
         self._pending.append((kind, seq, received_us, connection, [payload]))
         self._queued_bytes += len(payload)
 
@@ -238,14 +244,9 @@ class Journal:
             self._rotate(chunk[0][1])
         assert self._file is not None
         before = self._file_bytes
-        kinds, seqs, received, connections, payloads = _columns(chunk)
         try:
-            for first in range(0, len(seqs), BLOCK_RECORDS):
-                block = slice(first, first + BLOCK_RECORDS)
-                parts = encode_block(
-                    kinds[block], seqs[block], received[block], connections[block], payloads[block]
-                )
-                self._file_bytes += _write_all(self._file, parts)
+            for block in _blocks(chunk, BLOCK_RECORDS):
+                self._file_bytes += _write_all(self._file, encode_runs(block))
         except OSError:
             # Keep the whole chunk for the next try, in a new segment: a record never
             # straddles segments, and a partial chunk left here is a torn tail that
@@ -257,10 +258,11 @@ class Journal:
                 os.close(self._file)
             self._file = None
             raise
-        self._written_bytes += sum(map(len, payloads))
-        self._sessions.observe_many(kinds, connections, payloads)
+        self._written_bytes += sum(sum(map(len, run[4])) for run in chunk)
+        self._sessions.observe_runs(chunk)
+        last = chunk[-1]
         with self._written:
-            self.written_seq = seqs[-1]
+            self.written_seq = last[1] + len(last[4]) - 1
             self._written.notify_all()
 
     def recovered_up_to(self, seq: int) -> None:
@@ -336,23 +338,26 @@ class Journal:
         path.unlink()
 
 
-def _columns(
-    runs: list[Pending],
-) -> tuple[bytes, array[int], array[int], list[str], list[bytes]]:
-    """The records of queued runs, column by column (a few C calls per run)."""
-    kinds = bytearray()
-    seqs, received = array("q"), array("q")
-    connections: list[str] = []
-    payloads: list[bytes] = []
-    repeat = itertools.repeat
-    for kind, first, received_us, connection, items in runs:
-        count = len(items)
-        kinds += bytes((kind,)) * count
-        seqs.extend(range(first, first + count))
-        received.extend(repeat(received_us, count))
-        connections.extend(repeat(connection, count))
-        payloads.extend(items)
-    return bytes(kinds), seqs, received, connections, payloads
+def _blocks(runs: list[Pending], most: int) -> Iterator[list[Pending]]:
+    """``runs`` in order, in lists of ``most`` records at most (a run cut in two if need be:
+    reading joins it again)."""
+    block: list[Pending] = []
+    room = most
+    for run in runs:
+        kind, first, received_us, connection, payloads = run
+        while len(payloads) > room:
+            block.append((kind, first, received_us, connection, payloads[:room]))
+            first, payloads = first + room, payloads[room:]
+            yield block
+            block, room = [], most
+        if payloads:
+            block.append((kind, first, received_us, connection, payloads))
+            room -= len(payloads)
+        if room == 0:
+            yield block
+            block, room = [], most
+    if block:
+        yield block
 
 
 def _write_all(fd: int, parts: list[bytes]) -> int:

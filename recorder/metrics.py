@@ -245,7 +245,9 @@ class RecorderCollector(Collector):
         )
         yield gauge("readers_paused", "1 while the readers wait for a flush", int(pipeline.full))
         yield counter(
-            "spills", "Times memory filled and frames went to wait in the journal", stats.spills
+            "spills",
+            "Times frames went to wait in the journal (memory full, or readers behind)",
+            stats.spills,
         )
         yield counter(
             "frames_spilled", "Frames and snapshots that waited in the journal", stats.spilled

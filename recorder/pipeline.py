@@ -5,9 +5,10 @@ numbers, the journal, flattening, quarantine) and buffers their rows. Decoding a
 writes run in one worker thread (recorder.flushing), so a slow disk never stalls the receive
 loops; a failed write puts its rows back and is retried with backoff. Once every row of a
 frame is in Parquet, its journal segment goes. Memory is bounded by rows: once
-``max_buffered_rows`` wait, the frames that come next wait in the journal and are read back
-as flushes make room (recorder.spill); without a working journal, or once
-``journal.max_spill_megabytes`` wait there, the readers stop until a flush makes room.
+``max_buffered_rows`` wait, or a socket read finds the readers behind the stream, the frames
+that come next wait in the journal and are read back as flushes make room (recorder.spill);
+without a working journal, or once ``journal.max_spill_megabytes`` wait there, the readers
+stop until a flush makes room.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Iterator
 from datetime import tzinfo
 from pathlib import Path
 
@@ -27,15 +29,33 @@ from recorder.columnar import FrameBatch
 from recorder.config import JournalConfig, StorageConfig
 from recorder.flushing import FlushWorker
 from recorder.intake import DECODE_FRAMES, Intake
+from recorder.records import Pending
 from recorder.spill import READ_BYTES, Spill
 
 log = structlog.get_logger("recorder.pipeline")
 
+#: frames handed over by one socket read from which the readers are taken to be behind the
+#: stream (the socket had ~140 KB waiting): frames then wait in the journal, which takes
+#: them at a fraction of their cost, until the reads are small again (1-5 frames a read at
+#: 10,000 msg/s over 10 streams; ~370, a 256 KB read, when the event loop cannot keep up)
+BEHIND_FRAMES = 200
 #: records read back between two turns of the readers (a few ms of the event loop)
 READ_BACK_SLICE = 1000
 #: once no frame has come for this long, the rows waiting are written at once: nothing more
 #: is coming to batch them with (the end of a burst or of a session is visible promptly)
 QUIET_SECONDS = 0.5
+
+
+def _slices(runs: list[Pending], frames: int) -> Iterator[list[Pending]]:
+    """``runs`` in order, in lists of about ``frames`` frames."""
+    start = count = 0
+    for end, run in enumerate(runs, 1):
+        count += len(run[4])
+        if count >= frames:
+            yield runs[start:end]
+            start, count = end, 0
+    if start < len(runs):
+        yield runs[start:]
 
 
 class Pipeline(Intake):
@@ -96,14 +116,29 @@ class Pipeline(Intake):
         """Frames, snapshots and events waiting in the journal to be read back (recorder.spill)."""
         return 0 if self._spill is None else self._spill.frames
 
+    @property
+    def _behind(self) -> bool:
+        """The last socket read found the readers behind the stream (never while closing:
+        no read comes any more)."""
+        return self._last_read >= BEHIND_FRAMES and not self._closing
+
     def _check_pressure(self) -> None:
-        """Spill or stop the readers when memory is full; restart them once there is room."""
+        """Spill when memory is full or the readers fall behind the stream (the last socket
+        read handed over BEHIND_FRAMES frames or more); without a journal to spill to, stop
+        the readers while memory is full; restart them once there is room."""
         journal, spill = self.journal, self._spill
         memory_full = self.rows_buffered >= self.storage.max_buffered_rows
-        if memory_full and spill is None and journal is not None and not journal.failing:
+        journal_ok = journal is not None and not journal.failing
+        if (memory_full or self._behind) and spill is None and journal_ok:
             spill = self._start_spill()
             self.stats.spills += 1
-            log.info("memory full: frames wait in the journal", rows=self.rows_buffered)
+            if memory_full:
+                log.info("memory full: frames wait in the journal", rows=self.rows_buffered)
+            else:
+                log.info(
+                    "the stream outruns the recorder: frames wait in the journal",
+                    frames_read=self._last_read,
+                )
         if spill is None:
             stop = memory_full
         else:  # the frames wait on disk, unless the journal cannot take them or holds enough
@@ -199,9 +234,10 @@ class Pipeline(Intake):
         besides the decode or flush under way): how many records were taken (0: no room, or
         nothing new written yet), or None once nothing waits any more.
 
-        Once the journal file is read to its end and memory has room for more, the frames
-        the journal has not written yet are taken from memory (:meth:`Spill.rest`), all in
-        one step of the event loop, and frames go to memory again.
+        The latest frames are taken from memory (:meth:`Spill.recent_runs`), older ones from
+        the journal file. Once all that waits is in memory, memory holds less than a quarter
+        of its bound and the readers have caught up with the stream, it is taken in one step
+        of the event loop, and frames go to memory again.
         """
         spill = self._spill
         if spill is None:
@@ -211,26 +247,31 @@ class Pipeline(Intake):
         room = self._read_back_below - self._rows_held
         if room <= 0:
             return 0
-        frame_bytes = spill.bytes / spill.frames if spill.frames else 1024
-        wanted = int(room / self._worker.rows_per_frame * frame_bytes)
-        records = await asyncio.to_thread(spill.tail.read, min(READ_BYTES, max(65536, wanted)))
-        for first in range(0, len(records), READ_BACK_SLICE):
-            self.read_back(spill, records[first : first + READ_BACK_SLICE])
+        wanted = max(READ_BACK_SLICE, int(room / self._worker.rows_per_frame))
+        runs = spill.recent_runs(wanted)
+        if runs is None:  # older than what memory holds: from the journal file
+            frame_bytes = spill.bytes / spill.frames if spill.frames else 1024
+            limit = min(READ_BYTES, max(65536, int(wanted * frame_bytes)))
+            runs = await asyncio.to_thread(spill.tail.read, limit)
+        taken = 0
+        for piece in _slices(runs, READ_BACK_SLICE):
+            self.read_back(spill, piece)
+            taken += sum(len(run[4]) for run in piece)
             self._wake.set()  # the flusher decodes and writes them
             await asyncio.sleep(0)  # the readers' turn: the stream comes first
-        if not records and self._rows_held < self._read_back_below // 2:
-            rest = spill.rest()
-            if rest is not None:  # all in memory: take them, and the stream goes there again
-                self.read_back(spill, rest)
-                for contracts, active in spill.due_overlaps(self._seq.last + 1):
-                    self._overlap(contracts, active)
-                self._spill = None
-                self._wake.set()
-                log.info("frames go to memory again", spilled=self.stats.spilled)
-                self._check_pressure()
-                return None
+        roomy = self._rows_held < self._read_back_below // 2
+        rest = spill.recent_runs(spill.frames) if roomy and not self._behind else None
+        if rest is not None:  # the rest is in memory: take it, and the stream goes there again
+            self.read_back(spill, rest)
+            for contracts, active in spill.due_overlaps(self._seq.last + 1):
+                self._overlap(contracts, active)
+            self._spill = None
+            self._wake.set()
+            log.info("frames go to memory again", spilled=self.stats.spilled)
+            self._check_pressure()
+            return None
         self._check_pressure()
-        return len(records)
+        return taken
 
     def due(self, now: float) -> bool:
         """A flush is due when the decoded rows fill a file (``max_rows_per_file``: a flush

@@ -6,17 +6,28 @@ A segment (see :mod:`recorder.journal`) is a sequence of records::
     body = u8 kind | i64 seq | i64 received_us | u16 len(connection) | connection | payload
 
 ``kind`` is FRAME (payload = the frame's bytes), SNAPSHOT, EVENT (payload = JSON of a
-connection event or of a checkpoint) or BLOCK: the records one write carries, packed column
-by column under the one CRC of the BLOCK record (seq = the last record's)::
+connection event or of a checkpoint) or RUNS: the records one write carries, as the event
+loop queued them (runs: a socket read's frames, or one other record), packed column by
+column under the one CRC of the RUNS record (seq and received_us = the last record's)::
+
+    u32 r | u32 n | r x u8 kind | r x i64 first seq | r x i64 received_us | r x u32 records
+          | r x u16 len(connection) | n x u32 len(payload)
+          | connection 1 | ... | connection r | payload 1 | ... | payload n
+
+A run's records have consecutive seqs from its first, one kind, receive time and
+connection. A RUNS record is built and read by C code (``array``, ``bytes.join``, ``map``
+over slices) and checked by one ``zlib.crc32``, which releases the GIL: the per-record work
+is a payload's length and its slice, so that frames spilled to the journal are read back at
+a small fraction of what checking them costs. A corrupt RUNS record is cut whole: its CRC
+cannot tell which of its records is damaged.
+
+Earlier versions wrote single records, and then BLOCK records (the same, but with every
+column per record: kind, seq, received_us and connection each)::
 
     u32 n | n x u8 kind | n x i64 seq | n x i64 received_us | n x u16 len(connection)
           | n x u32 len(payload) | connection 1 | payload 1 | ... | connection n | payload n
 
-A BLOCK is built from whole columns by C code (``array``, ``bytes.join``) and checked by
-one ``zlib.crc32``, which releases the GIL: a record per frame, each with its own header
-and CRC, cost the event loop ~1.5 us a frame. Segments of single records, as earlier
-versions wrote them, read the same. A corrupt BLOCK is cut whole: its CRC cannot tell which
-of its records is damaged.
+Both read the same: a journal left by an earlier version is recovered whole.
 """
 
 from __future__ import annotations
@@ -26,25 +37,28 @@ import struct
 import sys
 import zlib
 from array import array
-from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from itertools import accumulate, repeat
+from itertools import accumulate, groupby
 from operator import add
 from typing import Any, NamedTuple
 
 import orjson
 
-FRAME, EVENT, SNAPSHOT, BLOCK = 1, 2, 3, 4
+FRAME, EVENT, SNAPSHOT, BLOCK, RUNS = 1, 2, 3, 4, 5
 _KINDS = (FRAME, EVENT, SNAPSHOT)
 _KIND_BYTES = bytes(_KINDS)
+_PACKED = (BLOCK, RUNS)  # records that hold records (seq: their last one's)
 _HEAD = struct.Struct("<II")
 _BODY = struct.Struct("<BqqH")
 _COUNT = struct.Struct("<I")
+_COUNTS = struct.Struct("<II")
 #: bytes of one record in a BLOCK's columns: kind, seq, received_us, two lengths
 _RECORD_COLUMNS_BYTES = 1 + 8 + 8 + 2 + 4
-#: records per BLOCK at most (a writer behind by more writes several)
+#: bytes of one run in a RUNS record's columns: kind, first seq, received_us, two counts
+_RUN_COLUMNS_BYTES = 1 + 8 + 8 + 4 + 2
+#: records per RUNS record at most (a writer behind by more writes several)
 BLOCK_RECORDS = 512
-#: BLOCK columns are written little-endian whatever the machine
+#: RUNS and BLOCK columns are written little-endian whatever the machine
 _SWAP = sys.byteorder != "little"
 #: records queued by the event loop, a run of one kind, connection and receive time:
 #: (kind, first seq, received_us, connection, payloads), the seqs following the first; a plain
@@ -53,8 +67,7 @@ Pending = tuple[int, int, int, str, list[bytes]]
 
 
 class Record(NamedTuple):
-    """One journal record as read back (a tuple: made 3 times faster than a frozen
-    dataclass, and recovery makes one per frame)."""
+    """One journal record as read back (:func:`records_of`)."""
 
     kind: int
     seq: int
@@ -70,19 +83,14 @@ def encode(kind: int, seq: int, received_us: int, connection: str, payload: byte
     return _HEAD.pack(len(body), zlib.crc32(body)) + body
 
 
-def encode_block(
-    kinds: bytes,
-    seqs: Sequence[int],
-    received: Sequence[int],
-    connections: Sequence[str],
-    payloads: Sequence[bytes],
-) -> list[bytes]:
-    """The bytes of one BLOCK record holding the records given column by column (in order),
-    as parts to write."""
-    conns = list(map(str.encode, connections))
+def encode_runs(runs: Sequence[Pending]) -> list[bytes]:
+    """The bytes of one RUNS record holding ``runs`` (in seq order), as parts to write."""
+    conns = [run[3].encode() for run in runs]
+    payloads = list(itertools.chain.from_iterable(run[4] for run in runs))
     columns = [
-        array("q", seqs),
-        array("q", received),
+        array("q", [run[1] for run in runs]),
+        array("q", [run[2] for run in runs]),
+        array("I", [len(run[4]) for run in runs]),
         array("H", map(len, conns)),
         array("I", map(len, payloads)),
     ]
@@ -91,29 +99,24 @@ def encode_block(
             column.byteswap()
     block = b"".join(
         [
-            _COUNT.pack(len(kinds)),
-            kinds,
+            _COUNTS.pack(len(runs), len(payloads)),
+            bytes(run[0] for run in runs),
             *(c.tobytes() for c in columns),
-            *itertools.chain.from_iterable(zip(conns, payloads, strict=True)),
+            *conns,
+            *payloads,
         ]
     )
-    body = _BODY.pack(BLOCK, seqs[-1], received[-1], 0)
+    last = runs[-1]
+    body = _BODY.pack(RUNS, last[1] + len(last[4]) - 1, last[2], 0)
     crc = zlib.crc32(block, zlib.crc32(body))  # the GIL is released over the block
     return [_HEAD.pack(len(body) + len(block), crc), body, block]
 
 
-def _unpack_block(block: bytes) -> list[Record] | None:
-    """The records of a BLOCK's payload; None if its columns do not add up (a corrupt block)."""
-    if len(block) < _COUNT.size:
-        return None
-    (n,) = _COUNT.unpack_from(block)
-    if len(block) < _COUNT.size + n * _RECORD_COLUMNS_BYTES:
-        return None  # the columns cannot be there (frombytes of a cut column would raise)
-    offset = _COUNT.size
-    kinds = block[offset : offset + n]
-    offset += n
+def _columns(block: bytes, offset: int, codes: str, n: int) -> tuple[list[array[int]], int]:
+    """Arrays of ``n`` items each (one per code) read from ``block`` at ``offset``, and the
+    offset after them."""
     columns = []
-    for code in ("q", "q", "H", "I"):
+    for code in codes:
         column = array(code)
         width = column.itemsize * n
         column.frombytes(block[offset : offset + width])
@@ -121,20 +124,109 @@ def _unpack_block(block: bytes) -> list[Record] | None:
             column.byteswap()
         columns.append(column)
         offset += width
-    seqs, received, conn_lens, payload_lens = columns
+    return columns, offset
+
+
+def _unpack_runs(block: bytes, from_seq: int = 0) -> list[Pending] | None:
+    """The runs of a RUNS record's payload, from seq ``from_seq`` on; None if its columns do
+    not add up (a corrupt record)."""
+    if len(block) < _COUNTS.size:
+        return None
+    r, n = _COUNTS.unpack_from(block)
+    offset = _COUNTS.size
+    if len(block) < offset + r * _RUN_COLUMNS_BYTES + n * 4:
+        return None  # the columns cannot be there (frombytes of a cut column would raise)
+    kinds = block[offset : offset + r]
+    (firsts, received, counts, conn_lens), offset = _columns(block, offset + r, "qqIH", r)
+    (payload_lens,), offset = _columns(block, offset, "I", n)
+    if sum(counts) != n or offset + sum(conn_lens) + sum(payload_lens) != len(block):
+        return None
+    if kinds.translate(None, _KIND_BYTES):  # a kind that is none of _KINDS
+        return None
+    names_at = list(accumulate(conn_lens, initial=offset))
+    names = list(map(block.__getitem__, map(slice, names_at, names_at[1:])))
+    text = {name: str(name, "utf-8", "replace") for name in set(names)}
+    # a payload per record: C loops (the slices are the only per-record work)
+    starts = list(accumulate(payload_lens, initial=names_at[-1]))
+    payloads = list(map(block.__getitem__, map(slice, starts, starts[1:])))
+    runs: list[Pending] = []
+    start = 0
+    for kind, first, received_us, count, name in zip(
+        kinds, firsts, received, counts, names, strict=True
+    ):
+        end = start + count
+        cut = max(0, from_seq - first)
+        if cut >= count:
+            pass
+        elif kind == FRAME:
+            runs.append((kind, first + cut, received_us, text[name], payloads[start + cut : end]))
+        else:  # one record (a writer never queues more in a run of another kind)
+            runs.extend(
+                (kind, seq, received_us, text[name], [payloads[i]])
+                for seq, i in enumerate(range(start + cut, end), first + cut)
+            )
+        start = end
+    return runs
+
+
+def _unpack_block(block: bytes, from_seq: int = 0) -> list[Pending] | None:
+    """The records of a BLOCK's payload (earlier versions) of seq ``from_seq`` on, as runs;
+    None if its columns do not add up (a corrupt block)."""
+    if len(block) < _COUNT.size:
+        return None
+    (n,) = _COUNT.unpack_from(block)
+    if len(block) < _COUNT.size + n * _RECORD_COLUMNS_BYTES:
+        return None  # the columns cannot be there (frombytes of a cut column would raise)
+    kinds = block[_COUNT.size : _COUNT.size + n]
+    (seqs, received, conn_lens, payload_lens), offset = _columns(block, _COUNT.size + n, "qqHI", n)
     if offset + sum(conn_lens) + sum(payload_lens) != len(block):
         return None
     if kinds.translate(None, _KIND_BYTES):  # a kind that is none of _KINDS
         return None
     # record i: its connection at starts[i]:names_end[i], its payload up to starts[i + 1]
-    # (C loops: a Python loop per record cost 1.6 us of a replay's 1.0 here)
     starts = list(accumulate(map(add, conn_lens, payload_lens), initial=offset))
     names_end = list(map(add, starts, conn_lens))
     names = list(map(block.__getitem__, map(slice, starts, names_end)))
     text = {name: str(name, "utf-8", "replace") for name in set(names)}
-    payloads = map(block.__getitem__, map(slice, names_end, starts[1:]))
-    fields = zip(kinds, seqs, received, map(text.__getitem__, names), payloads, strict=True)
-    return list(map(tuple.__new__, repeat(Record), fields))
+    payloads = list(map(block.__getitem__, map(slice, names_end, starts[1:])))
+    runs: list[Pending] = []
+    start = 0
+    # records of one kind, receive time and connection in a row (C code groups them)
+    for (kind, received_us, name), group in groupby(zip(kinds, received, names, strict=True)):
+        count = len(list(group))
+        end = start + count
+        first, last = seqs[start], seqs[end - 1]
+        if last < from_seq:
+            pass
+        elif kind == FRAME and last == first + count - 1:  # one socket read's frames
+            cut = max(0, from_seq - first)
+            runs.append((kind, first + cut, received_us, text[name], payloads[start + cut : end]))
+        else:
+            connection = text[name]
+            runs.extend(
+                (kind, seqs[i], received_us, connection, [payloads[i]])
+                for i in range(start, end)
+                if seqs[i] >= from_seq
+            )
+        start = end
+    return runs
+
+
+def _join(runs: list[Pending], more: Iterable[Pending]) -> None:
+    """Append ``more`` to ``runs``, a run's frames joining the run before when they follow
+    it (one socket read's frames, cut by a BLOCK's end or written as single records)."""
+    for run in more:
+        if runs and run[0] == FRAME:
+            kind, first, received_us, connection, payloads = runs[-1]
+            if (
+                kind == FRAME
+                and run[1] == first + len(payloads)
+                and run[2] == received_us
+                and run[3] == connection
+            ):
+                payloads.extend(run[4])
+                continue
+        runs.append(run)
 
 
 def _walk(data: bytes) -> Iterator[tuple[int, int, int, int, int, int]]:
@@ -151,65 +243,60 @@ def _walk(data: bytes) -> Iterator[tuple[int, int, int, int, int, int]]:
         offset = end
 
 
-def decode(data: bytes, from_seq: int = 0) -> tuple[list[Record], int]:
-    """Records of a segment's bytes and the length of its valid prefix (the rest is torn).
+def decode_runs(data: bytes, from_seq: int = 0) -> tuple[list[Pending], int]:
+    """The records of a segment's bytes as runs, and the length of its valid prefix (the
+    rest is torn).
 
-    ``from_seq``: records of lower seqs are checked but not returned, and a BLOCK whose last
-    seq is lower is not unpacked (reading back from the middle of a segment).
+    A run is a socket read's frames as the event loop queued them (:data:`Pending`: the seqs
+    follow the first), or one other record: read back, they take the same path as when
+    they came, without an object per frame. ``from_seq``: records of lower seqs are checked
+    but not returned, and a BLOCK whose last seq is lower is not unpacked (reading back from
+    the middle of a segment).
     """
-    records: list[Record] = []
+    runs: list[Pending] = []
     valid = 0
     for end, kind, seq, received_us, conn_start, conn_end in _walk(data):
-        if seq < from_seq and (kind == BLOCK or kind in _KINDS) and conn_end <= end:
-            valid = end  # a BLOCK's header names its last record's seq
+        if seq < from_seq and (kind in _PACKED or kind in _KINDS) and conn_end <= end:
+            valid = end  # a RUNS or BLOCK record's header names its last record's seq
             continue
-        if kind == BLOCK and conn_end == conn_start:
-            block = _unpack_block(data[conn_end:end])
-            if block is None:
+        if kind in _PACKED and conn_end == conn_start:
+            unpack = _unpack_runs if kind == RUNS else _unpack_block
+            packed = unpack(data[conn_end:end], from_seq)
+            if packed is None:
                 break
-            records.extend(r for r in block if r.seq >= from_seq)
+            _join(runs, packed)
             valid = end
             continue
         if kind not in _KINDS or conn_end > end:
             break
         connection = data[conn_start:conn_end].decode("utf-8", "replace")
-        records.append(Record(kind, seq, received_us, connection, data[conn_end:end]))
+        _join(runs, [(kind, seq, received_us, connection, [data[conn_end:end]])])
         valid = end
-    return records, valid
+    return runs, valid
+
+
+def records_of(runs: Iterable[Pending]) -> Iterator[Record]:
+    """Each record of ``runs``, in order."""
+    for kind, first, received_us, connection, payloads in runs:
+        for seq, payload in enumerate(payloads, first):
+            yield Record(kind, seq, received_us, connection, payload)
+
+
+def decode(data: bytes, from_seq: int = 0) -> tuple[list[Record], int]:
+    """:func:`decode_runs`, record by record."""
+    runs, valid = decode_runs(data, from_seq)
+    return list(records_of(runs)), valid
 
 
 def highest_seq(data: bytes) -> int:
     """The highest seq of a segment's valid records (0: none), read from their headers (a
-    BLOCK's names its last record's), without unpacking a BLOCK."""
+    RUNS or BLOCK record's names its last record's), without unpacking one."""
     highest = 0
     for _, kind, seq, _, _, _ in _walk(data):
-        if kind != BLOCK and kind not in _KINDS:
+        if kind not in _PACKED and kind not in _KINDS:
             break
         highest = max(highest, seq)
     return highest
-
-
-def frame_runs(records: Iterable[Record], most: int = 4_096) -> Iterator[list[Record]]:
-    """``records`` in order, in lists: the frames received together (one socket read:
-    consecutive seqs, one receive time and connection; ``most`` at most) in one, every
-    other record in one of its own."""
-    run: list[Record] = []
-    for record in records:
-        if run and (
-            record.kind != FRAME
-            or record.seq != run[-1].seq + 1
-            or record.received_us != run[0].received_us
-            or record.connection != run[0].connection
-            or len(run) >= most
-        ):
-            yield run
-            run = []
-        if record.kind == FRAME:
-            run.append(record)
-        else:
-            yield [record]
-    if run:
-        yield run
 
 
 class SessionCounts:
@@ -221,22 +308,14 @@ class SessionCounts:
     def observe(self, record: Record) -> None:
         self.observe_fields(record.kind, record.connection, record.payload)
 
-    def observe_many(
-        self, kinds: bytes, connections: Sequence[str], payloads: Sequence[bytes]
-    ) -> None:
-        """:meth:`observe_fields` of each record in turn; the frames between two events are
-        counted per connection at once (C code), not one by one."""
-        start = 0
-        while start < len(kinds):
-            event = kinds.find(EVENT, start)
-            stop = len(kinds) if event < 0 else event
-            if stop > start:
-                for connection, frames in Counter(connections[start:stop]).items():
-                    self.count(connection, frames)
-            if event < 0:
-                return
-            self.observe_fields(EVENT, connections[event], payloads[event])
-            start = event + 1
+    def observe_runs(self, runs: Iterable[Pending]) -> None:
+        """:meth:`observe_fields` of each record of ``runs`` in turn (a run's frames at once)."""
+        for kind, _, _, connection, payloads in runs:
+            if kind == EVENT:
+                for payload in payloads:
+                    self.observe_fields(kind, connection, payload)
+            else:
+                self.count(connection, len(payloads))
 
     def count(self, connection: str, frames: int) -> None:
         """``frames`` frames (or snapshots) of ``connection`` came."""

@@ -29,7 +29,7 @@ import structlog
 from recorder.buffer import Key
 from recorder.paths import partition_dir, seq_range
 from recorder.pipeline import Pipeline
-from recorder.records import FRAME, SNAPSHOT, Record, SessionCounts, frame_runs
+from recorder.records import FRAME, SNAPSHOT, Pending, SessionCounts
 from recorder.schema import DATA_TABLES, SOURCE_SNAPSHOT
 
 log = structlog.get_logger("recorder.recovery")
@@ -112,36 +112,35 @@ class _Replay:
         self.last_alive = self.highest = 0
         self.alive: dict[str, int] = {}  # the latest record of each connection
 
-    def runs(self, records: Iterable[Record]) -> Iterator[int]:
-        """Replay ``records``, yielding after each run of them (how many records it held)."""
+    def runs(self, runs: Iterable[Pending]) -> Iterator[int]:
+        """Replay ``runs`` (a segment's, :meth:`Journal.read_segment`), yielding after each
+        (how many records it held)."""
         pipeline, sessions = self.pipeline, self.sessions
-        for run in frame_runs(records):  # a read's frames together: bulk decoding
-            # a run is one record, or frames of consecutive seqs received at once
-            head = run[0]
-            if head.kind == FRAME:
-                sessions.count(head.connection, len(run))
+        for kind, first, received_us, connection, payloads in runs:
+            # a run is one record, or a socket read's frames (bulk decoding takes them)
+            if kind == FRAME:
+                sessions.count(connection, len(payloads))
             else:
-                sessions.observe(head)
-            self.last_alive = max(self.last_alive, head.received_us)
-            self.highest = max(self.highest, run[-1].seq)
-            if head.seq == 0:
+                sessions.observe_fields(kind, connection, payloads[0])
+            self.last_alive = max(self.last_alive, received_us)
+            self.highest = max(self.highest, first + len(payloads) - 1)
+            if first == 0:
                 continue  # a segment's checkpoint
             alive = self.alive
-            alive[head.connection] = max(alive.get(head.connection, 0), head.received_us)
+            alive[connection] = max(alive.get(connection, 0), received_us)
             now = time.monotonic()
-            if head.kind == FRAME:
-                self.frames += len(run)
-                payloads = [r.payload for r in run]
-                pipeline.replay_frames(head.connection, payloads, head.received_us, head.seq, now)
-            elif head.kind == SNAPSHOT:
+            if kind == FRAME:
+                self.frames += len(payloads)
+                pipeline.replay_frames(connection, payloads, received_us, first, now)
+            elif kind == SNAPSHOT:
                 self.frames += 1
                 pipeline.replay_frame(
-                    head.connection, head.payload, head.received_us, head.seq, now, SOURCE_SNAPSHOT
+                    connection, payloads[0], received_us, first, now, SOURCE_SNAPSHOT
                 )
             else:
                 self.events += 1
-                pipeline.replay_event(orjson.loads(head.payload), head.seq, head.received_us, now)
-            yield len(run)
+                pipeline.replay_event(orjson.loads(payloads[0]), first, received_us, now)
+            yield len(payloads)
 
     def finish(self, **logged: int) -> Recovered:
         """Close the sessions a crash cut, at the last instant the journal shows their process
@@ -211,8 +210,8 @@ async def recover_while_recording(pipeline: Pipeline, segments: list[Path]) -> R
     try:
         since_turn = 0
         for path in segments:
-            records = await asyncio.to_thread(journal.read_segment, path, replay.highest)
-            for count in replay.runs(records):
+            runs = await asyncio.to_thread(journal.read_segment, path, replay.highest)
+            for count in replay.runs(runs):
                 since_turn += count
                 if since_turn >= REPLAY_SLICE:
                     since_turn = 0

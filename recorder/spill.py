@@ -1,11 +1,15 @@
-"""Spilling: when memory is full, frames wait in the journal instead, and are read back.
+"""Spilling: when the stream outruns the recorder, frames wait in the journal, and are read back.
 
 The server never replays, so a recorder that stops reading in a burst risks the stream
-itself. When the rows in memory reach ``storage.max_buffered_rows``, the pipeline spills: the
-frames (and snapshots, and connection events) that come next go to the journal only, which
-takes them at a fraction of their full cost, and the readers go on. Once a flush has made
-room, they are read back from the journal in seq order (:class:`JournalTail`) and take the
-usual path; when the read-back has caught up with the stream, frames go to memory again.
+itself. The pipeline spills when the rows in memory reach ``storage.max_buffered_rows``, or
+when a socket read finds the readers behind the stream (it hands over
+:data:`recorder.pipeline.BEHIND_FRAMES` frames or more: checking each frame on the event
+loop is what cannot keep up). The frames (and snapshots, and connection events) that come
+next go to the journal only, which takes them at a fraction of their full cost, and the
+readers go on. They are read back in seq order as memory has room, in the runs the event
+loop queued them in: the latest from a copy kept in memory, older ones from the journal file
+(:class:`JournalTail`). They then take the usual path; once the read-back has caught up with
+the stream, and the readers with the socket, frames go to memory again.
 
 At start-up the frames wait the same way while a crash's journal is replayed
 (:func:`recorder.recovery.recover_while_recording`): the feed is read again at once, and
@@ -26,12 +30,12 @@ from pathlib import Path
 
 import structlog
 
-from recorder.records import Pending, Record, decode
+from recorder.records import Pending, decode_runs
 
 log = structlog.get_logger("recorder.spill")
 
 #: spilled frames kept in memory besides the journal, for the read-back to catch up with
-#: the stream without waiting for the journal's writer (a fraction of a second of the feed)
+#: the stream without reading the journal file (a fraction of a second of the feed)
 RECENT_FRAMES = 20_000
 #: bytes of the journal read back at a time at most (about 5,000 frames of the feed)
 READ_BYTES = 4 * 1024 * 1024
@@ -67,9 +71,11 @@ class JournalTail:
                 chosen = path
         self._path, self._offset = chosen, 0
 
-    def read(self, limit: int = READ_BYTES) -> list[Record]:
-        """The whole records written since the last call, about ``limit`` bytes of them."""
-        out: list[Record] = []
+    def read(self, limit: int = READ_BYTES) -> list[Pending]:
+        """The whole records written since the last call, about ``limit`` bytes of them, as
+        runs (:func:`recorder.records.decode_runs`)."""
+        out: list[Pending] = []
+        taken = 0  # payload bytes in out
         for _ in range(64):  # segments crossed in one call at most
             segments = self._segments()
             if self._path is None or all(path != self._path for _, path in segments):
@@ -79,21 +85,25 @@ class JournalTail:
             later = [path for first, path in segments if path > self._path]
             # a segment with a later one is closed: read to its end, then go on
             data = self._read_at(self._path, self._offset, limit)
-            records, valid = decode(data, self.next_seq)
+            runs, valid = decode_runs(data, self.next_seq)
             if valid == 0 and len(data) >= limit:  # one record larger than the limit
                 limit *= 2
                 continue
             self._offset += valid
-            for record in records:
-                if record.seq >= self.next_seq:
-                    out.append(record)
-                    self.next_seq = record.seq + 1
+            for kind, first, received_us, connection, payloads in runs:
+                cut = self.next_seq - first  # > 0: a write retried in the next segment
+                if cut < len(payloads):
+                    if cut > 0:
+                        first, payloads = first + cut, payloads[cut:]
+                    out.append((kind, first, received_us, connection, payloads))
+                    taken += sum(map(len, payloads))
+                    self.next_seq = first + len(payloads)
             if len(data) == limit or not later:
                 return out  # more to read later in this segment (or it is the one written)
             if valid < len(data):
                 log.warning("journal tail cut while reading back", segment=self._path.name)
             self._path, self._offset = later[0], 0
-            if out and sum(len(r.payload) for r in out) >= limit:
+            if taken >= limit:
                 return out
         return out
 
@@ -117,8 +127,8 @@ class Spill:
         #: overlap changes made while spilling: (the last seq before it, contracts, active),
         #: applied when the read-back passes that seq, as they were when the frames came
         self.overlaps: list[tuple[int, tuple[str, ...], bool]] = []
-        #: the latest runs spilled, as the journal queued them, up to RECENT_FRAMES: those it
-        #: has not written yet are read back from here (see :meth:`rest`)
+        #: the latest runs spilled, as the journal queued them, up to RECENT_FRAMES and none
+        #: read back already: they are read back from here (see :meth:`recent_runs`)
         self.recent: deque[Pending] = deque()
         self._recent_frames = 0
 
@@ -137,18 +147,29 @@ class Spill:
         while self._recent_frames > RECENT_FRAMES:
             self._recent_frames -= len(self.recent.popleft()[4])
 
-    def rest(self) -> list[Record] | None:
-        """Every record spilled and not read back yet, from :attr:`recent`; None when some
-        are older than it holds (they are in the journal file: read on)."""
-        position = self.position
-        out = [
-            Record(kind, seq, received_us, connection, payload)
-            for kind, first, received_us, connection, payloads in self.recent
-            if first + len(payloads) > position
-            for seq, payload in enumerate(payloads, first)
-            if seq >= position
-        ]
-        return out if len(out) == self.frames else None
+    def recent_runs(self, most: int) -> list[Pending] | None:
+        """Runs spilled and not read back yet, about ``most`` frames of them from
+        :attr:`recent` (in memory: the journal file is not read); None when the first is
+        older than it holds (it is in the journal file: read on). The tail moves past them."""
+        position, recent = self.position, self.recent
+        while recent and recent[0][1] + len(recent[0][4]) <= position:  # read back already
+            self._recent_frames -= len(recent.popleft()[4])
+        if not recent or recent[0][1] > position:
+            return None if self.frames else []
+        out: list[Pending] = []
+        count = 0
+        for kind, first, received_us, connection, payloads in recent:
+            cut = max(0, position - first)
+            out.append(
+                (kind, first + cut, received_us, connection, payloads[cut:] if cut else payloads)
+            )
+            count += len(payloads) - cut
+            if count >= most:
+                break
+        if out:
+            last = out[-1]
+            self.tail.next_seq = last[1] + len(last[4])
+        return out
 
     def taken(self, payloads: list[bytes]) -> None:
         self.frames -= len(payloads)

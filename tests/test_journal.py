@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+import zlib
+from array import array
 from pathlib import Path
 
 import orjson
@@ -14,10 +16,13 @@ from recorder.records import (
     BLOCK_RECORDS,
     EVENT,
     FRAME,
+    RUNS,
     SNAPSHOT,
+    Pending,
     Record,
     SessionCounts,
     decode,
+    decode_runs,
     encode,
 )
 
@@ -65,19 +70,20 @@ def _kind_and_seq(record: bytes) -> tuple[int, int]:
     return record[8], int.from_bytes(record[9:17], "little", signed=True)
 
 
-def test_one_write_is_one_block_record_that_reads_back_as_every_record_queued(
+def test_one_write_is_one_runs_record_that_reads_back_as_every_record_queued(
     tmp_path: Path,
 ) -> None:
-    """The writer packs what the event loop queued into BLOCK records (at most BLOCK_RECORDS
-    each, under one CRC), and reading gives each record back exactly, in order."""
+    """The writer packs what the event loop queued into RUNS records (at most BLOCK_RECORDS
+    records each, under one CRC), and reading gives each record back exactly, in order."""
     queued = _queued(BLOCK_RECORDS + 100)
     journal = _write(tmp_path, queued)
     [segment] = journal.segments()
-    # the segment's header (the open sessions), then two blocks; each named by its last seq
+    # the segment's header (the open sessions), then two RUNS records; each named by its
+    # last seq
     assert [_kind_and_seq(r) for r in _raw_records(segment)] == [
         (EVENT, 0),
-        (BLOCK, BLOCK_RECORDS),
-        (BLOCK, len(queued)),
+        (RUNS, BLOCK_RECORDS),
+        (RUNS, len(queued)),
     ]
     found = list(Journal(tmp_path).recover())
     assert found[0].kind == EVENT  # the segment's checkpoint
@@ -129,7 +135,7 @@ def test_frames_queued_together_read_back_as_frames_queued_one_by_one(tmp_path: 
     assert journal.written_seq == 2_502
 
 
-def test_a_block_counts_each_sessions_frames_as_record_by_record_would(tmp_path: Path) -> None:
+def test_runs_count_each_sessions_frames_as_record_by_record_would(tmp_path: Path) -> None:
     """Frames are counted per open session between the events that open and close them."""
     queued = _queued(200)
     one_by_one = SessionCounts()
@@ -138,9 +144,7 @@ def test_a_block_counts_each_sessions_frames_as_record_by_record_would(tmp_path:
         one_by_one.observe(r)
     at_once = SessionCounts()
     at_once.open["conn-1"] = {"session": "conn-1", "frames": 0}
-    at_once.observe_many(
-        bytes(r.kind for r in queued), [r.connection for r in queued], [r.payload for r in queued]
-    )
+    at_once.observe_runs(decode_runs(_write(tmp_path, queued).segments()[0].read_bytes())[0][1:])
     assert at_once.open == one_by_one.open
     # conn-2 opens at seq 40 and has the even seqs after it but 90 (an event): 79 frames
     assert at_once.open["conn-2"]["frames"] == 79
@@ -154,7 +158,7 @@ def test_a_corrupt_block_ends_the_valid_prefix_and_earlier_records_stay(tmp_path
     single = encode(FRAME, 31, 1_031, "conn-1", b'{"single": 31}')
     later = [Record(FRAME, seq, 1_000 + seq, "conn-1", b'{"x": %d}' % seq) for seq in (32, 33)]
     [_, block] = _raw_records(_write(tmp_path / "later", later).segments()[0])
-    assert _kind_and_seq(block) == (BLOCK, 33)
+    assert _kind_and_seq(block) == (RUNS, 33)
     broken = bytearray(block)
     broken[-1] ^= 0xFF
     segment.write_bytes(segment.read_bytes() + single + block + bytes(broken))
@@ -183,10 +187,73 @@ def test_close_writes_what_is_queued_at_once_whatever_the_write_interval(tmp_pat
 
 
 def test_a_block_whose_columns_are_cut_short_ends_the_valid_prefix(tmp_path: Path) -> None:
-    """A BLOCK whose CRC holds but whose columns are shorter than its count says (a defect,
-    never seen) is where the valid journal ends, like a corrupt one: reading never raises."""
+    """A RUNS (or BLOCK) record whose CRC holds but whose columns are shorter than its counts
+    say (a defect, never seen) is where the valid journal ends, like a corrupt one: reading
+    never raises."""
     good = encode(FRAME, 1, 1_001, "conn-1", b'{"x": 1}')
-    cut = encode(BLOCK, 3, 1_003, "", (2).to_bytes(4, "little") + bytes([FRAME, FRAME]) + b"12345")
-    records, valid = decode(good + cut)
-    assert [(r.seq, r.payload) for r in records] == [(1, b'{"x": 1}')]
-    assert valid == len(good)
+    for kind in (RUNS, BLOCK):
+        columns = (2).to_bytes(4, "little") * (1 + (kind == RUNS)) + bytes([FRAME, FRAME])
+        cut = encode(kind, 3, 1_003, "", columns + b"12345")
+        records, valid = decode(good + cut)
+        assert [(r.seq, r.payload) for r in records] == [(1, b'{"x": 1}')]
+        assert valid == len(good)
+
+
+def test_runs_whose_counts_disagree_end_the_valid_prefix(tmp_path: Path) -> None:
+    """A RUNS record whose runs hold more records than it says, or whose lengths do not add
+    up to its size, is cut like a corrupt one."""
+    [_, good] = _raw_records(_write(tmp_path, _queued(30)).segments()[0])
+    body = good[8:]
+    block = bytearray(body[19:])
+    runs = int.from_bytes(block[:4], "little")
+    block[4:8] = (30 + 1).to_bytes(4, "little")  # one record more than the runs hold
+    bad = encode(RUNS, 30, 1_030, "", bytes(block))
+    assert decode(bad) == ([], 0)
+    block = bytearray(body[19:])
+    block[8 + runs - 1] = 9  # the last run's kind: none of the journal's
+    assert decode(encode(RUNS, 30, 1_030, "", bytes(block))) == ([], 0)
+    assert len(decode(encode(RUNS, 30, 1_030, "", body[19:]))[0]) == 30
+
+
+def _encode_block(records: list[Record]) -> bytes:
+    """``records`` as one BLOCK record, as the versions before RUNS wrote them."""
+    conns = [r.connection.encode() for r in records]
+    columns = [
+        array("q", [r.seq for r in records]),
+        array("q", [r.received_us for r in records]),
+        array("H", map(len, conns)),
+        array("I", [len(r.payload) for r in records]),
+    ]
+    parts = [len(records).to_bytes(4, "little"), bytes(r.kind for r in records)]
+    parts += [c.tobytes() for c in columns]
+    parts += [part for conn, r in zip(conns, records, strict=True) for part in (conn, r.payload)]
+    block = b"".join(parts)
+    body = bytes([BLOCK]) + records[-1].seq.to_bytes(8, "little")
+    body += records[-1].received_us.to_bytes(8, "little") + bytes(2)
+    crc = zlib.crc32(block, zlib.crc32(body))
+    return (len(body) + len(block)).to_bytes(4, "little") + crc.to_bytes(4, "little") + body + block
+
+
+def test_a_segment_of_blocks_as_earlier_versions_wrote_it_reads_the_same(tmp_path: Path) -> None:
+    """A journal left by a version that wrote BLOCK records (every column per record) is
+    read record for record as the same records written now, from any seq; a socket read's
+    frames come back as one run, even where they straddle two BLOCKs."""
+    queued = _queued(2 * BLOCK_RECORDS + 50)
+    now = _write(tmp_path / "now", queued).segments()[0].read_bytes()
+    checkpoint = now[: 8 + int.from_bytes(now[:4], "little")]
+    pieces = [queued[i : i + BLOCK_RECORDS] for i in range(0, len(queued), BLOCK_RECORDS)]
+    old = checkpoint + b"".join(map(_encode_block, pieces))
+    for from_seq in (0, 1, 2, 40, BLOCK_RECORDS, BLOCK_RECORDS + 1, len(queued) + 1):
+        assert decode(old, from_seq) == (decode(now, from_seq)[0], len(old))
+        assert decode_runs(old, from_seq)[0] == decode_runs(now, from_seq)[0]
+
+    reads = [
+        Record(FRAME, seq, 1_000 + (seq > 700), "conn-1", b"%d" % seq) for seq in range(1, 1_201)
+    ]
+    pieces = [reads[i : i + BLOCK_RECORDS] for i in range(0, len(reads), BLOCK_RECORDS)]
+    runs: list[Pending] = decode_runs(b"".join(map(_encode_block, pieces)), 3)[0]
+    assert [run[:4] for run in runs] == [(FRAME, 3, 1_000, "conn-1"), (FRAME, 701, 1_001, "conn-1")]
+    assert [run[4] for run in runs] == [
+        [r.payload for r in reads[2:700]],
+        [r.payload for r in reads[700:]],
+    ]

@@ -19,13 +19,13 @@ import recorder
 from recorder.config import JournalConfig, StorageConfig
 from recorder.intake import DUPLICATE
 from recorder.journal import Journal
-from recorder.pipeline import Pipeline
-from recorder.records import EVENT, FRAME
+from recorder.pipeline import BEHIND_FRAMES, Pipeline
+from recorder.records import EVENT, FRAME, records_of
 from recorder.recovery import journal_found, recover_while_recording
 from recorder.simcontracts import make_contracts
 from recorder.spill import JournalTail
 from tests.conftest import make_config, record_until
-from tests.test_columnar import RECEIVED, RUNS, TEHRAN, everything, feed
+from tests.test_columnar import RECEIVED, TEHRAN, everything, feed
 from tests.test_crash import (
     assert_stored_once,
     journal_kept_config,
@@ -37,6 +37,8 @@ from tests.test_recording import expected_rows, stored_rows
 #: the overlap of two streams over the first ten contracts begins and ends at these frames
 OVERLAPS = ((400, True), (1_700, False), (2_600, True))
 OVERLAPPED = tuple(c.id for c in make_contracts(30, 7)[:10])
+#: frames per socket read, cycled: none finds the readers behind the stream (BEHIND_FRAMES)
+READS = (1, 7, 150, 2, 25, BEHIND_FRAMES - 1, 64)
 
 
 def repeated_feed() -> list[bytes]:
@@ -47,10 +49,15 @@ def repeated_feed() -> list[bytes]:
 
 
 def record(
-    data_dir: Path, frames: list[bytes], max_buffered_rows: int, runs: tuple[int, ...] = RUNS
+    data_dir: Path,
+    frames: list[bytes],
+    max_buffered_rows: int,
+    runs: tuple[int, ...] = READS,
+    overlaps: tuple[tuple[int, bool], ...] = OVERLAPS,
 ) -> Pipeline:
-    """The frames through a pipeline with a journal, in runs (cycled), the overlap changing
-    at :data:`OVERLAPS`; the event loop turns between runs, as it does between socket reads."""
+    """The frames through a pipeline with a journal, in runs (cycled: the socket reads), the
+    overlap changing at ``overlaps``; the event loop turns between runs, as it does between
+    socket reads."""
     storage = StorageConfig(
         data_dir=str(data_dir),
         flush_interval_seconds=3600,
@@ -61,7 +68,7 @@ def record(
     async def run() -> Pipeline:
         pipeline = Pipeline(data_dir, storage, TEHRAN, TEHRAN, JournalConfig(fsync=False))
         pipeline.start()
-        changes = list(OVERLAPS)
+        changes = list(overlaps)
         start = 0
         for turn, size in enumerate(itertools.cycle(runs)):
             if start >= len(frames):
@@ -121,6 +128,27 @@ def test_frames_spilled_to_the_journal_are_stored_as_if_memory_had_held_them(
     duplicates = con.execute("SELECT count(*) FROM quarantine WHERE reason = ?", [DUPLICATE])
     assert (duplicates.fetchone() or (0,))[0] > 20
     assert not list((tmp_path / "tight" / "_journal").glob("*.jnl"))
+
+
+def test_frames_wait_in_the_journal_while_reads_find_the_readers_behind_the_stream(
+    tmp_path: Path,
+) -> None:
+    """Memory roomy, but every socket read hands over BEHIND_FRAMES frames (the socket had
+    that much waiting): from the first read on, frames wait in the journal, and every
+    table ends up row for row as when no read finds the readers behind (but the receive
+    times, one per read)."""
+    frames = repeated_feed()
+    calm = record(tmp_path / "calm", frames, 2_000_000, (BEHIND_FRAMES - 1,), overlaps=())
+    behind = record(tmp_path / "behind", frames, 2_000_000, (BEHIND_FRAMES,), overlaps=())
+
+    assert calm.stats.spills == calm.stats.spilled == 0
+    assert behind.stats.spills == 1
+    assert behind.stats.spilled == len(frames) - BEHIND_FRAMES
+    assert behind.stats.pauses == 0
+    stored = everything(tmp_path / "behind", but="received_at")
+    assert stored == everything(tmp_path / "calm", but="received_at")
+    assert sum(map(len, stored.values())) > len(frames)
+    assert not list((tmp_path / "behind" / "_journal").glob("*.jnl"))
 
 
 def test_the_readers_stop_once_the_journal_holds_max_spill_megabytes(
@@ -194,10 +222,10 @@ def test_the_tail_reads_each_record_once_in_order_while_the_journal_writes_and_r
     while not (
         done.is_set() and journal.written_seq == written[-1] and tail.next_seq > written[-1]
     ):
-        records = tail.read(8 * 1024)
-        read.extend(r.seq for r in records)
+        runs = tail.read(8 * 1024)
+        read.extend(r.seq for r in records_of(runs))
         journal.release(tail.next_seq)  # the writer removes what was read (not the open one)
-        if not records:
+        if not runs:
             time.sleep(0.001)
     writer.join()
     journal.close()
